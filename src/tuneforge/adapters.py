@@ -1,0 +1,89 @@
+"""recipe.adapter -> the PEFT config, applied to a loaded model (LoRA, DoRA, rsLoRA, PiSSA/OLoRA init, QLoRA).
+
+Target modules are checked against the model before anything trains: a name that matches no module is an
+error that lists the linear modules the model has (the "LoRA target modules that match nothing" bug).
+"""
+
+from __future__ import annotations
+
+from tuneforge.errors import RecipeError
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the linear layers a LoRA can target (the output head excluded)."""
+    import torch
+
+    names = set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for full_name, module in model.named_modules():
+        if module is output:
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(full_name.split(".")[-1])
+    return sorted(names)
+
+
+def check_target_modules(model, target_modules) -> None:
+    if target_modules == "all-linear":
+        return
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    existing = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in existing]
+    if missing:
+        raise RecipeError([
+            f"`adapter.target_modules`: {missing} match no module of this model; its linear layers are "
+            f"{linear_module_names(model)} (or use all-linear)"
+        ])
+
+
+def lora_config(adapter):
+    from peft import LoraConfig
+
+    init = {"default": True, "pissa": "pissa", "olora": "olora"}[adapter.init]
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        bias="none",
+        target_modules=adapter.target_modules,
+        modules_to_save=adapter.modules_to_save or None,
+        use_dora=adapter.use_dora,
+        use_rslora=adapter.use_rslora,
+        init_lora_weights=init,
+    )
+
+
+def apply_adapter(model, recipe, *, gradient_checkpointing: bool = False):
+    """Wrap the model for training as the recipe says. Full fine-tuning returns the model with all weights trainable."""
+    adapter = recipe.adapter
+    if adapter.type in ("full", "none"):
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(model, adapter.target_modules)
+    if adapter.type == "qlora":
+        # Freezes the 4-bit base and casts norms to fp32 for stable training (seed 000 step 5).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return get_peft_model(model, lora_config(adapter))
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, 4-bit weights counted at their real element count."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = parameter.numel()
+        if type(parameter).__name__ == "Params4bit":
+            count *= 2  # two 4-bit values per stored byte
+        total += count
+        if parameter.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def describe_trainable(model) -> str:
+    """The line PEFT's print_trainable_parameters shows (seed 000 step 4)."""
+    trainable, total = trainable_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(1, total):.4f}"

@@ -1,0 +1,174 @@
+"""The `tuneforge` command. Thin: parse, call one function per verb, print. Heavy imports happen inside verbs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from tuneforge.errors import TuneforgeError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Fine-tune pre-trained language models from one recipe.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect data as it will be trained.")
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable)."),
+    output: Optional[str] = typer.Option(None, help="Run directory (default: <output_dir>/<name>)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+):
+    """Train as the recipe says; writes a run directory and ends with base-vs-tuned scores."""
+    from tuneforge.recipe import load_recipe
+    from tuneforge.train import train as run_train
+
+    run_train(load_recipe(recipe, set_), output=output, overwrite=overwrite, console=console)
+
+
+@app.command("eval")
+def evaluate(
+    target: str = typer.Argument(..., help="Run directory, model folder, hub id, or embedded:smollm2-135m-instruct."),
+    data: Path = typer.Option(..., help="Held-out examples (.jsonl etc.; chat/instruction formats)."),
+    metric: list[str] = typer.Option(["exact_match"], help="Metric name (repeatable): exact_match, contains, json_valid."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics and samples to this JSON file."),
+    max_examples: Optional[int] = typer.Option(None, help="Score only the first N examples."),
+    max_new_tokens: int = typer.Option(128, help="Generation budget per answer."),
+    batch_size: int = typer.Option(16, help="Prompts per generation batch."),
+):
+    """Score a model on a data file by generation."""
+    from rich.table import Table
+
+    from tuneforge.data.pipeline import load_examples
+    from tuneforge.errors import RecipeError
+    from tuneforge.evaluate.metrics import METRICS
+    from tuneforge.evaluate.scoring import evaluate_generation
+    from tuneforge.models import load_target
+
+    unknown = [m for m in metric if m not in METRICS]
+    if unknown:
+        raise RecipeError([f"--metric {m}: unknown metric; known: {sorted(METRICS)}" for m in unknown])
+    examples, _ = load_examples(str(data), "auto")
+    model, tokenizer = load_target(target)
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as progress:
+        result = evaluate_generation(model, tokenizer, examples, metrics=metric, max_examples=max_examples,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    table = Table(title=f"{target} on {data} ({result['n']} examples)")
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for name, value in result["metrics"].items():
+        table.add_row(name, f"{value:.1f}")
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps({"target": target, "data": str(data), **result}, indent=2), encoding="utf-8")
+
+
+def _chat_prompt(tokenizer, messages):
+    from tuneforge.data.template import render_chat
+
+    if tokenizer.chat_template:
+        return render_chat(tokenizer, messages, add_generation_prompt=True)
+    return messages[-1]["content"]
+
+
+@app.command()
+def generate(
+    target: str = typer.Argument(..., help="Run directory, model folder, hub id, or embedded:smollm2-135m-instruct."),
+    prompt: str = typer.Option(..., help="The user message."),
+    system: Optional[str] = typer.Option(None, help="Optional system message."),
+    max_new_tokens: int = typer.Option(256, help="Generation budget."),
+):
+    """Answer one prompt (greedy), through the model's chat template."""
+    from tuneforge.evaluate.generation import generate_answers
+    from tuneforge.models import load_target
+
+    model, tokenizer = load_target(target)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    print(generate_answers(model, tokenizer, [_chat_prompt(tokenizer, messages)], max_new_tokens=max_new_tokens)[0])
+
+
+@app.command()
+def chat(
+    target: str = typer.Argument(..., help="Run directory, model folder, hub id, or embedded:smollm2-135m-instruct."),
+    system: Optional[str] = typer.Option(None, help="Optional system message."),
+    max_new_tokens: int = typer.Option(256, help="Generation budget per answer."),
+):
+    """Talk to a model in the terminal (empty line or Ctrl-D to quit)."""
+    from tuneforge.evaluate.generation import generate_answers
+    from tuneforge.models import load_target
+
+    model, tokenizer = load_target(target)
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = console.input("[bold]you> [/]")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        answer = generate_answers(model, tokenizer, [_chat_prompt(tokenizer, messages)], max_new_tokens=max_new_tokens)[0]
+        messages.append({"role": "assistant", "content": answer})
+        console.print(f"[bold cyan]model>[/] {answer}")
+
+
+@app.command()
+def merge(
+    run_dir: str = typer.Argument(..., help="A finished LoRA/QLoRA run directory."),
+    output: str = typer.Option(..., help="Folder for the merged checkpoint."),
+    dtype: str = typer.Option("auto", help="auto (fp32) | float32 | bfloat16 | float16."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+):
+    """Merge the run's adapter into an un-quantized base; writes an ordinary checkpoint."""
+    from tuneforge.ops.merge import merge_run
+
+    target = merge_run(run_dir, output, dtype=dtype, overwrite=overwrite)
+    console.print(f"merged model written to {target}")
+
+
+@data_app.command("preview")
+def data_preview(
+    source: Path = typer.Argument(..., help="A recipe (.yaml) or a data file."),
+    model: str = typer.Option("embedded:smollm2-135m-instruct", help="Tokenizer to use for a data file."),
+    count: int = typer.Option(3, "-n", help="Examples to show."),
+    max_length: int = typer.Option(2048, help="max_length for a data file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key."),
+):
+    """Show examples after templating with loss-carrying tokens marked, and counts."""
+    from tuneforge.data.pipeline import prepare_data
+    from tuneforge.data.preview import preview
+    from tuneforge.models import load_tokenizer
+    from tuneforge.recipe import load_recipe, parse_recipe
+
+    if source.suffix in (".yaml", ".yml"):
+        recipe = load_recipe(source, set_)
+    else:
+        recipe = parse_recipe({"name": "preview", "model": model, "data": {"train": str(source), "eval_fraction": 0.1},
+                               "train": {"max_length": max_length}})
+    tokenizer = load_tokenizer(recipe.model.name, chat_template=recipe.model.chat_template)
+    preview(console, prepare_data(recipe, tokenizer), tokenizer, count)
+
+
+def main() -> None:
+    try:
+        app()
+    except TuneforgeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Read data files into records, each tagged with where it came from ("file:line") for error messages.
+
+JSONL, JSON (a list of objects, or {"data": [...]}), CSV, Parquet, or a hub dataset name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneforge.errors import DataError
+
+SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+
+
+@dataclass
+class Record:
+    data: dict
+    where: str  # "path:line" (JSONL, CSV) or "path[index]" (JSON, Parquet, hub)
+
+
+def read_records(source: str, *, split: str = "train", limit: int | None = None) -> list[Record]:
+    path = Path(source)
+    if path.suffix.lower() in SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(f"data file {source} not found", fix="check the path in data.train / data.eval")
+        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"{source}: unsupported file type {path.suffix!r}", fix="use .jsonl, .json, .csv or .parquet")
+        records = reader(path, limit)
+    else:
+        records = _read_hub(source, split, limit)
+    if not records:
+        raise DataError(f"{source}: no examples found (the file is empty)", fix="add examples, one JSON object per line")
+    return records
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
+    records = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"not valid UTF-8 (byte {exc.start})", where=where, fix="re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", where=where,
+                                fix="each line must be one complete JSON object") from None
+            if not isinstance(value, dict):
+                raise DataError(f"expected a JSON object, got {type(value).__name__}", where=where,
+                                fix='each line must look like {"messages": [...]} or {"prompt": ..., "completion": ...}')
+            records.append(Record(value, where))
+            if limit and len(records) >= limit:
+                break
+    return records
+
+
+def _read_json(path: Path, limit: int | None) -> list[Record]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON: {exc.msg}", where=f"{path}:{exc.lineno}", fix="fix the JSON syntax") from None
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if not isinstance(value, list):
+        raise DataError("expected a JSON list of objects", where=str(path), fix="use [ {...}, {...} ] or JSONL")
+    records = []
+    for i, item in enumerate(value[:limit] if limit else value):
+        if not isinstance(item, dict):
+            raise DataError(f"expected an object, got {type(item).__name__}", where=f"{path}[{i}]")
+        records.append(Record(item, f"{path}[{i}]"))
+    return records
+
+
+def _read_csv(path: Path, limit: int | None) -> list[Record]:
+    import csv
+
+    records = []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                records.append(Record(dict(row), f"{path}:{reader.line_num}"))
+                if limit and len(records) >= limit:
+                    break
+    except UnicodeDecodeError:
+        raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
+    return records
+
+
+def _read_parquet(path: Path, limit: int | None) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise DataError(f"cannot read Parquet: {exc}", where=str(path)) from None
+    rows = rows[:limit] if limit else rows
+    return [Record(row, f"{path}[{i}]") for i, row in enumerate(rows)]
+
+
+def _read_hub(name: str, split: str, limit: int | None) -> list[Record]:
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types when offline or the name is wrong
+        raise DataError(
+            f"{name!r} is not a local file and could not be loaded as a hub dataset ({type(exc).__name__})",
+            where="data.train",
+            fix="check the path; local files must end in .jsonl, .json, .csv or .parquet",
+        ) from None
+    if limit:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return [Record(dict(row), f"{name}[{i}]") for i, row in enumerate(dataset)]

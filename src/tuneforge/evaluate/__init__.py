@@ -1,0 +1,1 @@
+"""Evaluation: generation-based metrics, held-out loss, and the before/after comparison every run ends with."""

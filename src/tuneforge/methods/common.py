@@ -1,0 +1,54 @@
+"""Recipe -> the TrainingArguments fields every method shares (TRL configs subclass TrainingArguments)."""
+
+from __future__ import annotations
+
+
+def precision_flags(recipe, device: str) -> dict:
+    """auto: bf16 on a GPU that has it (seed 000 "forgetting bf16" mistake), fp32 on CPU."""
+    import torch
+
+    choice = recipe.train.precision
+    if choice == "auto":
+        choice = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
+def warmup_fields(warmup: float) -> dict:
+    """train.warmup < 1 is a fraction of the steps, else a number of steps."""
+    return {"warmup_steps": warmup if warmup < 1 else int(warmup)}
+
+
+def common_arguments(recipe, run, device: str) -> dict:
+    t = recipe.train
+    has_eval = bool(t.eval_every)
+    return dict(
+        output_dir=str(run.file("checkpoints")),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.lr,
+        per_device_train_batch_size=t.batch_size,
+        # Eval uses the training micro-batch: a larger default eval batch is how runs that trained fine OOM at eval.
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        lr_scheduler_type=t.scheduler,
+        **warmup_fields(t.warmup),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_every,
+        save_strategy="steps" if t.save_every else "no",
+        save_steps=t.save_every or 500,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        **precision_flags(recipe, device),
+    )

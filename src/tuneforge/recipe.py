@@ -1,0 +1,297 @@
+"""The recipe: one YAML file that says everything about a run.
+
+Every default lives here, once, as a `Field(default, description=...)`. Defaults are the seeds' documented
+production values; where a default depends on another key (the learning rate on the adapter type) it is
+`None` here and resolved in `Recipe.resolve_defaults`, from the tables just below. Recipes are strict:
+unknown keys are errors with a "did you mean", and every problem is reported at once with its YAML line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneforge.errors import RecipeError
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+# Learning rate by adapter type (seed 000, steps 3-5 and "common mistakes": 2e-4 LoRA, 2e-5 full FT).
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "none": 2e-5}
+# Documented ranges; outside them `doctor` warns (seed 000 step 3 table, step 6 for DPO).
+LR_RANGE = {"lora": (1e-5, 1e-3), "qlora": (1e-5, 1e-3), "full": (1e-6, 1e-4), "none": (1e-6, 1e-4)}
+# QLoRA pages optimizer state to CPU under pressure (seed 000 step 5); plain AdamW otherwise.
+DEFAULT_OPTIMIZER = {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "adamw_torch", "none": "adamw_torch"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field(EMBEDDED_MODEL, description="Hub id, local directory, .gguf file, or embedded:smollm2-135m-instruct.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: auto = bf16 on a GPU that has it, fp32 on CPU (seed 000: CPU keeps fp32)."
+    )
+    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (text or path to a .jinja file) for a model that has none."
+    )
+
+
+class DataSection(_Section):
+    train: str = Field(..., description="Training data: .jsonl/.json/.csv/.parquet file, or a hub dataset name.")
+    eval: str | None = Field(None, description="Held-out data; when absent, `eval_fraction` is split off by hash.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Record format; auto detects it from the keys and says what it found."
+    )
+    eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share held out when no eval set is given (seed 000: 5-10%).")
+    dedup: bool = Field(True, description="Drop exact duplicate examples (counted and reported).")
+    system_prompt: str | None = Field(None, description="System message added to chat examples that have none.")
+    max_examples: int | None = Field(None, gt=0, description="Use only the first N training examples (quick trials).")
+    split: str = Field("train", description="Split to read when `train` is a hub dataset name.")
+
+
+class AdapterSection(_Section):
+    type: Literal["lora", "qlora", "full", "none"] = Field(
+        "lora", description="lora | qlora (LoRA on a 4-bit base) | full (all weights) | none (same as full, no adapter)."
+    )
+    r: int = Field(16, gt=0, description="LoRA rank (seed 000: r=16 is the common default).")
+    alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (convention alpha = 2r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or all-linear (every linear layer but the output head)."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained fully beside LoRA, e.g. [embed_tokens, lm_head] for new tokens."
+    )
+    use_dora: bool = Field(False, description="DoRA: magnitude + direction decomposition of the update.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r), steadier at high rank.")
+    init: Literal["default", "pissa", "olora"] = Field("default", description="LoRA init: zeros for B, or PiSSA / OLoRA.")
+
+
+class QuantSection(_Section):
+    bits: Literal[4, 8] = Field(4, description="Base-weight bits for QLoRA (bitsandbytes).")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit type; NF4 fits normally-distributed weights best.")
+    double_quant: bool = Field(True, description="Quantize the block scales too (~0.37 bit/param saved).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype the 4-bit blocks are dequantized to: auto = bf16 on GPU, fp32 on CPU."
+    )
+
+
+class TrainSection(_Section):
+    epochs: float = Field(1, gt=0, description="Passes over the training data (seed 000: 1-3; more overfits).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; default by adapter type (2e-4 LoRA, 2e-5 full).")
+    batch_size: int = Field(4, gt=0, description="Examples per device per micro-batch.")
+    grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum).")
+    max_length: int = Field(2048, gt=8, description="Tokens per example; longer ones are truncated and counted.")
+    packing: bool = Field(False, description="Pack examples into max_length rows, attention kept within each example.")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="LR schedule.")
+    warmup: float = Field(0.03, ge=0, description="Warmup: a fraction of steps if < 1, else a number of steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (seed 000: 0 or 0.01).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: str | None = Field(None, description="Optimizer name as transformers knows it; default by adapter type.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on a GPU that has it, else fp32.")
+    seed: int = Field(42, description="Seed for init, shuffling and dropout.")
+    eval_every: int | None = Field(None, gt=0, description="Held-out loss every N steps (None: at the end only).")
+    logging_steps: int = Field(1, gt=0, description="Log loss/lr/throughput every N steps.")
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (None: only the final weights).")
+
+
+class EvalSection(_Section):
+    metrics: list[Literal["exact_match", "contains", "json_valid"]] = Field(
+        default_factory=lambda: ["exact_match"], description="Generation metrics on the held-out set."
+    )
+    max_examples: int | None = Field(100, gt=0, description="Held-out examples scored by generation (None: all).")
+    max_new_tokens: int = Field(128, gt=0, description="Generation budget per answer.")
+    batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
+    baseline: bool = Field(True, description="Also score the base model, so every run is compared against it.")
+
+
+class Recipe(_Section):
+    name: str = Field(..., min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
+    model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
+    method: Literal["sft", "cpt"] = Field("sft", description="sft (loss on answers) | cpt (continued pre-training on text).")
+    data: DataSection
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    quant: QuantSection = Field(default_factory=QuantSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if "/" in value or value in {".", ".."}:
+            raise ValueError("must be a plain folder name (no '/')")
+        return value
+
+    @model_validator(mode="after")
+    def resolve_defaults(self) -> Recipe:
+        """Fill the defaults that depend on other keys, so the saved recipe shows what actually ran."""
+        if self.train.lr is None:
+            self.train.lr = DEFAULT_LR[self.adapter.type]
+        if self.train.optimizer is None:
+            self.train.optimizer = DEFAULT_OPTIMIZER[self.adapter.type]
+        if self.method == "cpt" and self.data.format not in ("auto", "text"):
+            raise ValueError(f"method cpt trains on plain text; data.format must be text or auto (got {self.data.format})")
+        return self
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.adapter.type in ("lora", "qlora")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    import yaml
+
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                sub = path + (key_node.value,)
+                lines[sub] = key_node.start_mark.line + 1
+                walk(value_node, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _model_for_path(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _describe(error: dict, lines: dict[tuple, int], source: str | None) -> str:
+    loc = tuple(p for p in error["loc"] if p not in ("function-after[_model_shorthand(), ModelSection]",))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    line = None
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            line = lines[loc[:n]]
+            break
+    where = f"`{key}`" + (f" ({source}:{line})" if source and line else "")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _model_for_path(loc)
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean `{'.'.join(str(p) for p in loc[:-1] + (close[0],))}`?" if close else f"known keys: {', '.join(known)}"
+        return f"{where}: unknown key; {hint}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{where}: {error['msg']}{got_text}"
+
+
+def parse_recipe(data: dict, *, source: str | None = None, text: str | None = None) -> Recipe:
+    """Validate a recipe mapping; raise one RecipeError that lists every problem with its key and line."""
+    if not isinstance(data, dict):
+        raise RecipeError(["the recipe must be a YAML mapping of keys (name:, model:, data:, ...)"], source=source)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = _key_lines(text) if text else {}
+        problems = [_describe(e, lines, source) for e in exc.errors()]
+        raise RecipeError(problems, source=source) from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set key.path=value` overrides; values are parsed as YAML (so 1e-4, true, [a, b] work)."""
+    import yaml
+
+    problems = []
+    if isinstance(data.get("model"), str):
+        data["model"] = {"name": data["model"]}
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"--set {item!r}: expected key.path=value, e.g. --set train.lr=1e-4")
+            continue
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        if keys == ["model"]:
+            keys = ["model", "name"]
+        node = data
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    if problems:
+        raise RecipeError(problems)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Relative data paths are resolved against the recipe's folder."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"{path}: no such recipe file"], source=str(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"], source=str(path)) from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+    recipe = parse_recipe(data, source=str(path), text=text)
+    recipe._source_dir = path.resolve().parent  # type: ignore[attr-defined]
+    return recipe
+
+
+def resolve_path(recipe: Recipe, value: str | None) -> str | None:
+    """A data path as written in the recipe: relative to the working directory if it exists there, else to the
+    recipe's own folder (so `tuneforge train recipes/x.yaml` works from anywhere in the repo)."""
+    if value is None:
+        return None
+    p = Path(value)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    base = getattr(recipe, "_source_dir", None)
+    if base is not None:
+        for candidate in (base / p, base.parent / p):
+            if candidate.exists():
+                return str(candidate)
+    return value
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every default filled in), as saved in the run directory."""
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

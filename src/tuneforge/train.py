@@ -1,0 +1,160 @@
+"""`tuneforge train`: recipe -> run directory. The life of a run, in order:
+
+1. check   everything that can fail without a model (recipe, data files, formats, masks) fails here, before
+           the run directory exists, so a bad input never leaves a run behind;
+2. set up  tokenizer, data, model (+ quantization), EOS aligned with the chat template, adapter;
+3. score   the base model on the held-out set (generation metrics) and its held-out loss: the baseline,
+           and a dry run of evaluation before the first training step (fail in seconds, not after an hour);
+4. train   the method's TRL trainer, with progress and metrics.jsonl;
+5. save    adapter/ or model/ with tokenizer, chat template and generation config (self-contained);
+6. score   the tuned model the same way, and print base vs tuned.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tuneforge.errors import RunDirError
+from tuneforge.recipe import Recipe, recipe_to_yaml
+from tuneforge.run import RunDir, environment
+
+
+def run_path_for(recipe: Recipe, output: str | None) -> Path:
+    return Path(output) if output else Path(recipe.output_dir) / recipe.name
+
+
+def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False, console=None) -> RunDir:
+    from rich.console import Console
+
+    console = console or Console()
+    path = run_path_for(recipe, output)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise RunDirError(f"run directory {path} already exists",
+                          fix="pass --overwrite to replace it, or --output DIR for a new one")
+
+    from tuneforge.data.pipeline import prepare_data
+    from tuneforge.models import load_tokenizer, pick_device
+
+    device = pick_device()
+    tokenizer = load_tokenizer(recipe.model.name, chat_template=recipe.model.chat_template,
+                               trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+    data = prepare_data(recipe, tokenizer)
+    print_data_summary(console, data.stats)
+
+    run = RunDir(path).create(overwrite=overwrite)
+    try:
+        return _train_in(run, recipe, tokenizer, data, device, console)
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+        raise
+
+
+def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console) -> RunDir:
+    import torch
+    from transformers import PrinterCallback, set_seed
+
+    from tuneforge.adapters import apply_adapter, describe_trainable
+    from tuneforge.data.pipeline import to_dataset
+    from tuneforge.data.template import align_eos
+    from tuneforge.methods import get_method
+    from tuneforge.models import load_base_model
+    from tuneforge.progress import ProgressCallback
+
+    run.file("recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    run.write_json("environment.json", environment())
+    run.write_json("data_stats.json", data.stats.__dict__)
+    set_seed(recipe.train.seed)
+
+    console.print(f"[bold]model[/] {recipe.model.name} on {device}")
+    model = load_base_model(recipe.model, quant=recipe.quant if recipe.adapter.type == "qlora" else None, device=device)
+    eos_ids = align_eos(tokenizer, model)
+    console.print(f"generation stops at token ids {eos_ids} ({tokenizer.convert_ids_to_tokens(eos_ids)})")
+
+    baseline = None
+    if recipe.eval.baseline and recipe.method == "sft" and data.eval_examples:
+        baseline = score_model(model, tokenizer, data.eval_examples, recipe, console, label="base model")
+        run.write_json("eval/baseline.json", baseline)
+
+    model = apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    console.print(describe_trainable(model))
+
+    build = get_method(recipe.method)
+    eval_dataset = to_dataset(data.eval) if data.eval else None
+    trainer = build(recipe, model, tokenizer, to_dataset(data.train), eval_dataset, run, device, [ProgressCallback(run, console)])
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
+    base_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+
+    started = time.time()
+    trainer.train()
+    train_seconds = time.time() - started
+
+    weights = run.file("adapter" if recipe.uses_lora else "model")
+    trainer.save_model(str(weights))
+    tokenizer.save_pretrained(str(weights))
+    model.generation_config.save_pretrained(str(weights))
+    tuned_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+
+    tuned = None
+    if recipe.method == "sft" and data.eval_examples:
+        tuned = score_model(trainer.model, tokenizer, data.eval_examples, recipe, console, label="tuned model")
+        run.write_json("eval/tuned.json", tuned)
+
+    summary = {
+        "train_seconds": round(train_seconds, 1),
+        "steps": trainer.state.global_step,
+        "eval_loss": {"base": base_loss, "tuned": tuned_loss},
+        "metrics": {
+            name: {"base": baseline["metrics"][name] if baseline else None, "tuned": tuned["metrics"][name]}
+            for name in (tuned["metrics"] if tuned else {})
+        },
+        "n_eval": tuned["n"] if tuned else 0,
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+    }
+    run.write_json("summary.json", summary)
+    run.set_status("completed", finished=time.time())
+    print_summary(console, run, summary)
+    return run
+
+
+def score_model(model, tokenizer, examples, recipe, console, *, label: str) -> dict:
+    from rich.progress import Progress
+
+    from tuneforge.evaluate.scoring import evaluate_generation
+
+    with Progress(console=console, transient=True) as progress:
+        result = evaluate_generation(model, tokenizer, examples, metrics=list(recipe.eval.metrics),
+                                     max_examples=recipe.eval.max_examples, max_new_tokens=recipe.eval.max_new_tokens,
+                                     batch_size=recipe.eval.batch_size, progress=progress, label=label)
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in result["metrics"].items())
+    console.print(f"[bold]{label}[/] on {result['n']} held-out examples: {shown}")
+    return result
+
+
+def print_data_summary(console, stats) -> None:
+    split = " (split off the training file by hash)" if stats.eval_split_from_train else ""
+    console.print(
+        f"[bold]data[/] format {stats.format}: {stats.train_examples} train / {stats.eval_examples} eval examples{split}; "
+        f"{stats.train_tokens:,} tokens, {stats.loss_tokens:,} carry loss; {stats.duplicates_removed} duplicates removed; "
+        f"{stats.truncated} truncated at max_length {stats.max_length} ({stats.truncated_pct:.1f}%)"
+        + (f"; {stats.dropped_no_loss} dropped (no answer token left)" if stats.dropped_no_loss else "")
+    )
+
+
+def print_summary(console, run: RunDir, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{run.path.name}: held-out results ({summary['n_eval']} examples)")
+    for column in ("", "base", "tuned", "change"):
+        table.add_column(column, justify="right")
+    for name, values in summary["metrics"].items():
+        base, tuned = values["base"], values["tuned"]
+        delta = f"{tuned - base:+.1f}" if base is not None else ""
+        table.add_row(name, f"{base:.1f}" if base is not None else "-", f"{tuned:.1f}", delta)
+    losses = summary["eval_loss"]
+    if losses["tuned"] is not None:
+        base = losses["base"]
+        table.add_row("eval loss", f"{base:.4f}" if base is not None else "-", f"{losses['tuned']:.4f}",
+                      f"{losses['tuned'] - base:+.4f}" if base is not None else "")
+    console.print(table)
+    console.print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s; run directory: {run.path}")
