@@ -51,6 +51,8 @@ def lora_config(adapter):
         use_dora=adapter.use_dora,
         use_rslora=adapter.use_rslora,
         init_lora_weights=init,
+        # With tied input/output embeddings, a trained copy of one must stay tied to the other (PEFT issue 2777).
+        ensure_weight_tying=bool(adapter.modules_to_save),
     )
 
 

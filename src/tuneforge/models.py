@@ -48,6 +48,9 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
@@ -156,7 +159,8 @@ def resolve_dtype(choice: str, device: str):
 def load_tokenizer(name: str, *, chat_template: str | None = None, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(name)
+    folder = Path(name)
+    source = name if (folder / "tokenizer_config.json").is_file() else resolve_model_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as exc:
@@ -205,6 +209,10 @@ def load_base_model(model_section, *, quant=None, device: str | None = None, dty
         raise _hub_error(model_section.name, exc) from None
     if quant is None and device != "cpu":
         model.to(device)
+    if quant is not None and device == "cpu":
+        from tuneforge.library_fixes import keep_bnb_cpu_weights_trainable
+
+        keep_bnb_cpu_weights_trainable(model)
     return model
 
 

@@ -34,8 +34,9 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
                           fix="pass --overwrite to replace it, or --output DIR for a new one")
 
     from tuneforge.data.pipeline import prepare_data
-    from tuneforge.models import load_tokenizer, pick_device
+    from tuneforge.models import load_tokenizer, pick_device, quiet_transformers
 
+    quiet_transformers()
     device = pick_device()
     tokenizer = load_tokenizer(recipe.model.name, chat_template=recipe.model.chat_template,
                                trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)

@@ -1,0 +1,27 @@
+"""Workarounds for bugs in the libraries we build on, each in one place with the reason. Remove one when the
+library version that fixes it becomes our minimum.
+"""
+
+from __future__ import annotations
+
+
+def keep_bnb_cpu_weights_trainable(model) -> int:
+    """bitsandbytes (0.50) on CPUs with AVX512-BF16: the first forward in eval mode without gradients (e.g. our
+    baseline evaluation before training) repacks every 4-bit weight into an inference-only layout, and every
+    later forward, training included, then runs `gemv_4bit`, which has no autograd kernel: gradients flowing
+    back through the frozen base to earlier LoRA layers are silently wrong (torch only warns). We switch the
+    repacking off for the model's Linear4bit layers, and undo it where it already happened. Returns the number
+    of layers touched."""
+    touched = 0
+    for module in model.modules():
+        if type(module).__name__ != "Linear4bit":
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        touched += 1
+    return touched

@@ -1,0 +1,69 @@
+"""Shared fixtures: the embedded model's tokenizer and a tiny random Llama built from a config (milliseconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "data" / "quickstart"
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from tuneforge.models import load_tokenizer
+
+    return load_tokenizer("embedded:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A 2-layer, 64-dim Llama with the SmolLM2 tokenizer and chat template, random weights, seed 0."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_sft_file(tmp_path_factory) -> Path:
+    """32 quickstart examples (chat messages)."""
+    lines = (QUICKSTART / "train.jsonl").read_text(encoding="utf-8").splitlines()[:32]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_recipe(model_dir, data_file, **sections) -> dict:
+    """A recipe dict for a few fast steps on the tiny model; `sections` override whole keys, e.g.
+    adapter={"type": "full"} or train={"max_steps": 2}."""
+    recipe = {
+        "name": "tiny",
+        "model": str(model_dir),
+        "data": {"train": str(data_file), "eval_fraction": 0.2},
+        "adapter": {"type": "lora"},
+        "train": {"max_steps": 3, "batch_size": 4, "grad_accum": 1, "max_length": 128, "seed": 0, "warmup": 0},
+        "eval": {"max_examples": 4, "max_new_tokens": 8, "batch_size": 4},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def read_metrics(run_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
