@@ -26,6 +26,15 @@ LR_RANGE = {"lora": (1e-5, 1e-3), "qlora": (1e-5, 1e-3), "full": (1e-6, 1e-4), "
 DEFAULT_OPTIMIZER = {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "adamw_torch", "none": "adamw_torch"}
 
 
+class KeyedValueError(ValueError):
+    """A cross-field problem raised by a model validator, carrying the recipe key it is about (pydantic reports a
+    model validator's errors at the top level; this puts them back on the key, with its YAML line)."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -144,7 +153,8 @@ class Recipe(_Section):
         if self.train.optimizer is None:
             self.train.optimizer = DEFAULT_OPTIMIZER[self.adapter.type]
         if self.method == "cpt" and self.data.format not in ("auto", "text"):
-            raise ValueError(f"method cpt trains on plain text; data.format must be text or auto (got {self.data.format})")
+            raise KeyedValueError("data.format", f"method cpt trains on plain text; data.format must be text or auto "
+                                                 f"(got {self.data.format!r})")
         return self
 
     @property
@@ -156,17 +166,25 @@ class Recipe(_Section):
 # Loading, overrides and error messages
 
 
-def _key_lines(text: str) -> dict[tuple, int]:
-    """Map each key path in a YAML document to its 1-based line, for error messages."""
+def _key_lines(text: str, duplicates: list[str] | None = None, source: str | None = None) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages. A key given twice in one
+    mapping (YAML keeps only the last, silently) is described in `duplicates` when that list is passed."""
     import yaml
 
     lines: dict[tuple, int] = {}
 
     def walk(node, path):
         if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
             for key_node, value_node in node.value:
                 sub = path + (key_node.value,)
-                lines[sub] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if sub in first_line and duplicates is not None:
+                    key = ".".join(str(p) for p in sub)
+                    duplicates.append(f"`{key}` ({source or 'recipe'}:{line}): given twice (also on line "
+                                      f"{first_line[sub]}); YAML would silently keep only the last one, so merge them")
+                first_line.setdefault(sub, line)
+                lines[sub] = line
                 walk(value_node, sub)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
@@ -192,16 +210,23 @@ def _model_for_path(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _describe(error: dict, lines: dict[tuple, int], source: str | None) -> str:
+def _describe(error: dict, lines: dict[tuple, int], source: str | None, set_paths: dict[tuple, str] | None = None) -> str:
     loc = tuple(p for p in error["loc"] if p not in ("function-after[_model_shorthand(), ModelSection]",))
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, KeyedValueError):
+        loc = tuple(cause.key.split("."))
     key = ".".join(str(p) for p in loc) or "(top level)"
-    line = None
+    where = f"`{key}`"
     for n in range(len(loc), 0, -1):
-        if loc[:n] in lines:
-            line = lines[loc[:n]]
+        if set_paths and loc[:n] in set_paths:
+            where += f" (--set {set_paths[loc[:n]]})"
             break
-    where = f"`{key}`" + (f" ({source}:{line})" if source and line else "")
+        if loc[:n] in lines:
+            where += f" ({source}:{lines[loc[:n]]})" if source else f" (line {lines[loc[:n]]})"
+            break
     kind = error["type"]
+    if isinstance(cause, KeyedValueError):
+        return f"{where}: {cause}"
     if kind == "extra_forbidden":
         parent = _model_for_path(loc)
         known = list(parent.model_fields) if parent else []
@@ -211,20 +236,42 @@ def _describe(error: dict, lines: dict[tuple, int], source: str | None) -> str:
     if kind == "missing":
         return f"{where}: required key is missing"
     got = error.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{where}: {error['msg']}{got_text}"
+    got_text = "" if isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
+    message = str(cause) if kind == "value_error" and cause is not None else error["msg"]
+    return f"{where}: {message}{got_text}"
 
 
-def parse_recipe(data: dict, *, source: str | None = None, text: str | None = None) -> Recipe:
-    """Validate a recipe mapping; raise one RecipeError that lists every problem with its key and line."""
+def parse_recipe(data: dict, *, source: str | None = None, text: str | None = None,
+                 overrides: list[str] | None = None) -> Recipe:
+    """Validate a recipe mapping; raise one RecipeError that lists every problem with its key and line (or the
+    `--set` that put it there). A key written twice in `text` is a problem too."""
     if not isinstance(data, dict):
         raise RecipeError(["the recipe must be a YAML mapping of keys (name:, model:, data:, ...)"], source=source)
+    duplicates: list[str] = []
+    lines = _key_lines(text, duplicates, source) if text else {}
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        lines = _key_lines(text) if text else {}
-        problems = [_describe(e, lines, source) for e in exc.errors()]
-        raise RecipeError(problems, source=source) from None
+        set_paths = _override_paths(overrides or [])
+        problems = [_describe(e, lines, source, set_paths) for e in exc.errors()]
+        raise RecipeError(duplicates + problems, source=source) from None
+    if duplicates:
+        raise RecipeError(duplicates, source=source)
+    return recipe
+
+
+def _override_path(item: str) -> tuple[str, ...] | None:
+    """`--set a.b=value` -> ("a", "b"); None when the syntax is wrong. `--set model=x` is `model.name`."""
+    if "=" not in item:
+        return None
+    keys = tuple(key.strip() for key in item.split("=", 1)[0].split("."))
+    if not all(keys):
+        return None
+    return ("model", "name") if keys == ("model",) else keys
+
+
+def _override_paths(overrides: list[str]) -> dict[tuple, str]:
+    return {path: item for item in overrides if (path := _override_path(item)) is not None}
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -235,19 +282,22 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     if isinstance(data.get("model"), str):
         data["model"] = {"name": data["model"]}
     for item in overrides:
-        if "=" not in item:
+        keys = _override_path(item)
+        if keys is None:
             problems.append(f"--set {item!r}: expected key.path=value, e.g. --set train.lr=1e-4")
             continue
-        path, raw = item.split("=", 1)
-        keys = path.strip().split(".")
-        if keys == ["model"]:
-            keys = ["model", "name"]
+        raw = item.split("=", 1)[1]
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            problems.append(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); quote it")
+            continue
         node = data
         for key in keys[:-1]:
             if not isinstance(node.get(key), dict):
                 node[key] = {}
             node = node[key]
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[keys[-1]] = value
     if problems:
         raise RecipeError(problems)
     return data
@@ -260,7 +310,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"{path}: no such recipe file"], source=str(path))
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise RecipeError([f"{path}:{line}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8"],
+                          source=str(path)) from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -268,8 +323,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RecipeError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"], source=str(path)) from None
     if overrides:
+        if not isinstance(data, dict):
+            raise RecipeError(["the recipe must be a YAML mapping of keys (name:, model:, data:, ...)"], source=str(path))
         data = apply_overrides(data, overrides)
-    recipe = parse_recipe(data, source=str(path), text=text)
+    recipe = parse_recipe(data, source=str(path), text=text, overrides=overrides)
     recipe._source_dir = path.resolve().parent  # type: ignore[attr-defined]
     return recipe
 
