@@ -1,7 +1,7 @@
 """Record formats -> one canonical example: {"messages": [...]} for chat/instruction data, {"text": ...} for CPT.
 
 Formats: messages (role/content), sharegpt (conversations with from/value), alpaca (instruction/input/output),
-prompt_completion (strings, or message lists as TRL allows), text (plain documents).
+prompt_completion (strings, or message lists as TRL allows; loss on the completion only), text (plain documents).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def detect_format(record: Record) -> str:
 def _text(value, where: str, field: str, *, allow_empty: bool = False) -> str:
     if value is None and allow_empty:
         return ""
+    if value is None:
+        raise DataError(f"`{field}` is missing (or null)", where=where, fix="fill in the text, or remove the example")
     if not isinstance(value, str):
         raise DataError(f"`{field}` must be a string, got {type(value).__name__}", where=where)
     if not allow_empty and not value.strip():
@@ -47,7 +49,8 @@ def _text(value, where: str, field: str, *, allow_empty: bool = False) -> str:
     return value
 
 
-def _check_messages(messages, where: str, field: str) -> list[dict]:
+def _check_messages(messages, where: str, field: str, *, content_key: str = "content") -> list[dict]:
+    """Validate role/content messages; `content_key` is the key as the user's file spells it (ShareGPT: value)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"`{field}` must be a non-empty list of messages", where=where)
     out = []
@@ -59,10 +62,11 @@ def _check_messages(messages, where: str, field: str) -> list[dict]:
             raise DataError(f"`{field}[{i}].role` is {role!r}: unknown role", where=where,
                             fix=f"use one of {sorted(ROLES)}")
         content = message.get("content")
+        name = f"{field}[{i}].{content_key}"
         if role == "assistant":
-            content = _text(content, where, f"{field}[{i}].content")  # an empty answer teaches nothing but silence
+            content = _text(content, where, name)  # an empty answer teaches nothing but silence
         else:
-            content = _text(content, where, f"{field}[{i}].content", allow_empty=(role == "system"))
+            content = _text(content, where, name, allow_empty=(role == "system"))
         out.append({"role": role, "content": content})
     return out
 
@@ -89,7 +93,7 @@ def to_canonical(record: Record, fmt: str) -> dict:
                 raise DataError(f"`conversations[{i}].from` is {turn['from']!r}: unknown role", where=where,
                                 fix=f"use one of {sorted(SHAREGPT_ROLES)}")
             converted.append({"role": role, "content": turn.get("value")})
-        messages = _check_messages(converted, where, "conversations")
+        messages = _check_messages(converted, where, "conversations", content_key="value")
     elif fmt == "alpaca":
         instruction = _text(data["instruction"], where, "instruction")
         extra = _text(data.get("input"), where, "input", allow_empty=True)
@@ -97,12 +101,18 @@ def to_canonical(record: Record, fmt: str) -> dict:
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(data["output"], where, "output")}]
     elif fmt == "prompt_completion":
         prompt, completion = data["prompt"], data["completion"]
-        if isinstance(prompt, list):
-            messages = _check_messages(prompt, where, "prompt") + _check_messages(completion, where, "completion")
-        else:
+        if not isinstance(prompt, list):
             messages = [{"role": "user", "content": _text(prompt, where, "prompt")},
                         {"role": "assistant", "content": _text(completion, where, "completion")}]
-        return {"messages": messages, "raw_prompt_completion": isinstance(prompt, str), "where": where}
+            return {"messages": messages, "raw_prompt_completion": True, "where": where}
+        prompt = _check_messages(prompt, where, "prompt")
+        completion = _check_messages(completion, where, "completion")
+        if not any(m["role"] == "assistant" for m in completion):
+            raise DataError("the completion has no assistant turn, so there is nothing to learn", where=where,
+                            fix="the completion must hold the assistant's answer")
+        # Loss on the completion only (as in TRL): assistant turns inside the prompt are context. Counted from the
+        # end, so a system message added in front (data.system_prompt) keeps it right.
+        return {"messages": prompt + completion, "completion_turns": len(completion), "where": where}
     else:
         return {"text": _text(data["text"], where, "text"), "where": where}
     if not any(m["role"] == "assistant" for m in messages):

@@ -16,11 +16,18 @@ from tuneforge.data.template import Tokenized, tokenize_example
 from tuneforge.errors import DataError
 
 
+def _normal(text: str) -> str:
+    """Case folded, every run of whitespace (spaces, tabs, newlines) one space, none at the ends."""
+    return " ".join(text.lower().split())
+
+
 def example_hash(example: dict) -> str:
     """Normalised content hash (whitespace and case folded), used for dedup, splitting and contamination checks."""
-    content = example.get("text") if "text" in example else [(m["role"], m["content"]) for m in example["messages"]]
+    if "text" in example:
+        content = _normal(example["text"])
+    else:
+        content = [(m["role"], _normal(m["content"])) for m in example["messages"]]
     normal = json.dumps(content, ensure_ascii=False)
-    normal = " ".join(normal.lower().split())
     return hashlib.sha256(normal.encode("utf-8")).hexdigest()
 
 
@@ -39,10 +46,13 @@ def hash_split(examples: list[dict], eval_fraction: float) -> tuple[list[dict], 
     of the file or the seed (so re-running never leaks eval examples into training)."""
     train, held = [], []
     threshold = int(eval_fraction * 10_000)
+    bucket = lambda example: int(example_hash(example)[:8], 16) % 10_000  # noqa: E731
     for example in examples:
-        (held if int(example_hash(example)[:8], 16) % 10_000 < threshold else train).append(example)
+        (held if bucket(example) < threshold else train).append(example)
     if not held and len(train) > 1:
-        held.append(train.pop())
+        # Too few examples for the fraction to catch one: hold out the lowest bucket, again by content, not order.
+        lowest = min(range(len(train)), key=lambda i: (bucket(train[i]), example_hash(train[i])))
+        held.append(train.pop(lowest))
     return train, held
 
 

@@ -42,7 +42,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark (Windows editors) is fine
             except UnicodeDecodeError as exc:
                 raise DataError(f"not valid UTF-8 (byte {exc.start})", where=where, fix="re-save the file as UTF-8") from None
             if not line.strip():
@@ -63,7 +63,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
 
 def _read_json(path: Path, limit: int | None) -> list[Record]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -85,7 +85,7 @@ def _read_csv(path: Path, limit: int | None) -> list[Record]:
 
     records = []
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             for row in reader:
                 records.append(Record(dict(row), f"{path}:{reader.line_num}"))

@@ -1,11 +1,15 @@
 """Canonical examples -> token ids and labels, with the tokenizer's own chat template.
 
 Loss is carried only by assistant turns (every one in a multi-turn conversation, each with its end-of-turn
-token, so the model learns to stop). Masks are computed from character spans: each assistant turn's span is
-found by rendering the conversation up to that turn with and without the generation prompt, and a token
-carries loss when its characters overlap a span. This works for any template that renders conversations
-prefix-stably; one that does not (e.g. rewrites earlier turns) is refused with a clear error rather than
-masked wrongly.
+token, so the model learns to stop; for prompt/completion message lists, only the completion's turns). Masks are
+computed from character spans: each assistant turn's span is found by rendering the conversation up to that turn
+with and without the generation prompt. The text is then tokenized piece by piece at the span boundaries, so no
+token straddles prompt and answer (a template's "\n" merged with an answer's leading whitespace would otherwise put
+a prompt character under the loss, and the prompt tokens would differ from those seen at inference). Where
+piecewise tokenization changes the text (a SentencePiece tokenizer that prefixes every piece with a space), the
+whole text is tokenized at once instead and a token carries loss when its characters overlap a span. This works
+for any template that renders conversations prefix-stably; one that does not (e.g. rewrites earlier turns) is
+refused with a clear error rather than masked wrongly.
 """
 
 from __future__ import annotations
@@ -44,15 +48,31 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool,
                         fix="check the role order the template expects (e.g. user/assistant alternation)") from None
 
 
-def assistant_spans(tokenizer, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of each assistant turn (content + end-of-turn marker)."""
+def assistant_spans(tokenizer, messages: list[dict], where: str = "", *, first_loss_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn (content + end-of-turn marker).
+    Assistant turns before `first_loss_turn` (the prompt of a prompt/completion example) get no span."""
     full = render_chat(tokenizer, messages, add_generation_prompt=False, where=where)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_loss_turn:
             continue
-        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where) if i else ""
         upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where)
+        if i:
+            before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where)
+        else:
+            # An opening assistant turn: what precedes it is whatever the template puts before any message (a
+            # default system prompt, BOS, the assistant header). Never "": that would put all of it under the loss.
+            try:
+                before = tokenizer.apply_chat_template([], tokenize=False, add_generation_prompt=True)
+            except Exception:  # many templates index messages[0]
+                before = ""
+            if not before or not upto.startswith(before):
+                raise DataError(
+                    "the conversation opens with an assistant turn, and this chat template gives no way to tell "
+                    "where that turn starts (it renders text of its own before it)",
+                    where=where,
+                    fix="start the conversation with a user (or system) turn",
+                )
         if not (upto.startswith(before) and full.startswith(upto)):
             raise DataError(
                 "the chat template does not render this conversation prefix-stably, so the assistant turns cannot "
@@ -66,14 +86,41 @@ def assistant_spans(tokenizer, messages: list[dict], where: str = "") -> tuple[s
     return full, spans
 
 
-def tokenize_chat(tokenizer, messages: list[dict], max_length: int, where: str = "") -> Tokenized:
-    text, spans = assistant_spans(tokenizer, messages, where)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+def label_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Token ids and labels for `text`, where exactly the characters inside `spans` carry loss.
+
+    Tokenized piece by piece at the span boundaries, so the loss-carrying tokens decode to exactly the span texts
+    and every prompt piece is tokenized as it is at inference. If that changes the decoded text (a tokenizer that
+    adds a prefix space to each piece), the whole text is tokenized at once and a token carries loss when it
+    overlaps a span.
+    """
+    pieces: list[tuple[str, bool]] = []
+    cursor = 0
+    for start, end in spans:
+        pieces += [(text[cursor:start], False), (text[start:end], True)]
+        cursor = end
+    pieces.append((text[cursor:], False))
+    pieces = [(piece, carries) for piece, carries in pieces if piece]
+    # One batched call for the pieces and the whole text (the tokenizer's per-call overhead dominates here).
+    encoded = tokenizer([piece for piece, _ in pieces] + [text], add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = []
+    labels: list[int] = []
+    for (_, carries), piece_ids in zip(pieces, encoded["input_ids"]):
+        ids += piece_ids
+        labels += piece_ids if carries else [IGNORE_INDEX] * len(piece_ids)
+    whole_ids, whole_offsets = encoded["input_ids"][-1], encoded["offset_mapping"][-1]
+    if ids == whole_ids or tokenizer.decode(ids, skip_special_tokens=False) == tokenizer.decode(whole_ids, skip_special_tokens=False):
+        return ids, labels
     labels = [
         token if any(start < span_end and end > span_start for span_start, span_end in spans) else IGNORE_INDEX
-        for token, (start, end) in zip(ids, offsets)
+        for token, (start, end) in zip(whole_ids, whole_offsets)
     ]
+    return list(whole_ids), labels
+
+
+def tokenize_chat(tokenizer, messages: list[dict], max_length: int, where: str = "", *, first_loss_turn: int = 0) -> Tokenized:
+    text, spans = assistant_spans(tokenizer, messages, where, first_loss_turn=first_loss_turn)
+    ids, labels = label_spans(tokenizer, text, spans)
     return _truncate(Tokenized(ids, labels, where=where, spans=spans), max_length)
 
 
@@ -81,7 +128,7 @@ def tokenize_prompt_completion(tokenizer, prompt: str, completion: str, max_leng
     """Plain-text prompt/completion for a model without a chat template: prompt + completion + EOS, loss on the
     completion and EOS only."""
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer)]
     ids = prompt_ids + completion_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     return _truncate(Tokenized(ids, labels, where=where), max_length)
@@ -89,8 +136,31 @@ def tokenize_prompt_completion(tokenizer, prompt: str, completion: str, max_leng
 
 def tokenize_text(tokenizer, text: str, max_length: int, where: str = "") -> Tokenized:
     """Continued pre-training: every token carries loss; EOS closes the document."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    eos = _eos_id(tokenizer)
+    if not ids or ids[-1] != eos:  # some tokenizers already append EOS with add_special_tokens
+        ids.append(eos)
     return _truncate(Tokenized(ids, list(ids), where=where), max_length)
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ModelError(
+            "the tokenizer has no EOS token, so the model could not learn where a text or answer ends",
+            where="model.name",
+            fix="use a model whose tokenizer defines eos_token",
+        )
+    return tokenizer.eos_token_id
+
+
+def raw_prompt_completion(example: dict) -> tuple[str, str]:
+    """(prompt, completion) of a prompt/completion-strings example, for a model without a chat template. A system
+    message (data.system_prompt) has no place of its own in plain text, so it opens the prompt."""
+    messages = example["messages"]
+    system = "\n\n".join(m["content"].strip() for m in messages if m["role"] == "system" and m["content"].strip())
+    prompt = next(m["content"] for m in messages if m["role"] == "user")
+    completion = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+    return (f"{system}\n\n{prompt}" if system else prompt), completion
 
 
 def _truncate(example: Tokenized, max_length: int) -> Tokenized:
@@ -106,9 +176,11 @@ def tokenize_example(tokenizer, example: dict, max_length: int) -> Tokenized:
     if "text" in example:
         return tokenize_text(tokenizer, example["text"], max_length, where)
     if example.get("raw_prompt_completion") and not tokenizer.chat_template:
-        messages = example["messages"]
-        return tokenize_prompt_completion(tokenizer, messages[0]["content"], messages[1]["content"], max_length, where)
-    return tokenize_chat(tokenizer, example["messages"], max_length, where)
+        prompt, completion = raw_prompt_completion(example)
+        return tokenize_prompt_completion(tokenizer, prompt, completion, max_length, where)
+    messages = example["messages"]
+    first_loss_turn = len(messages) - example.get("completion_turns", len(messages))
+    return tokenize_chat(tokenizer, messages, max_length, where, first_loss_turn=first_loss_turn)
 
 
 def prompt_for_generation(tokenizer, example: dict) -> tuple[str, str]:
@@ -117,7 +189,7 @@ def prompt_for_generation(tokenizer, example: dict) -> tuple[str, str]:
     messages = example["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if example.get("raw_prompt_completion") and not tokenizer.chat_template:
-        return messages[0]["content"], messages[last]["content"]
+        return raw_prompt_completion(example)
     prompt = render_chat(tokenizer, messages[:last], add_generation_prompt=True, where=example.get("where", ""))
     return prompt, messages[last]["content"]
 
