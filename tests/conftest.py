@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models gain nothing from threads; on a loaded 2-core machine, threads make them slower. Subprocesses keep
+# torch's default (the embedded-model end-to-end test wants both cores).
+import torch
+
+torch.set_num_threads(1)
+
 QUICKSTART = Path(__file__).resolve().parent.parent / "data" / "quickstart"
 
 

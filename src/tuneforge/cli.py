@@ -22,15 +22,24 @@ err_console = Console(stderr=True)
 
 @app.command()
 def train(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML file (not needed with --resume)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable)."),
     output: Optional[str] = typer.Option(None, help="Run directory (default: <output_dir>/<name>)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+    resume: Optional[Path] = typer.Option(None, help="Continue this unfinished run from its last checkpoint."),
 ):
     """Train as the recipe says; writes a run directory and ends with base-vs-tuned scores."""
+    from tuneforge.errors import RecipeError
     from tuneforge.recipe import load_recipe
     from tuneforge.train import train as run_train
 
+    if resume is not None:
+        if recipe is not None or set_:
+            raise RecipeError(["--resume continues a run with its saved recipe; do not pass a recipe or --set"])
+        run_train(load_recipe(resume / "recipe.yaml"), output=str(resume), resume=True, console=console)
+        return
+    if recipe is None:
+        raise RecipeError(["train needs a recipe file (or --resume RUN_DIR)"])
     run_train(load_recipe(recipe, set_), output=output, overwrite=overwrite, console=console)
 
 

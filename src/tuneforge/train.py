@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -24,17 +25,24 @@ def run_path_for(recipe: Recipe, output: str | None) -> Path:
     return Path(output) if output else Path(recipe.output_dir) / recipe.name
 
 
-def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False, console=None) -> RunDir:
+def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False, console=None,
+          resume: bool = False) -> RunDir:
+    """Train into a new run directory, or (resume=True) continue the run at `output` from its last checkpoint."""
     from rich.console import Console
 
     console = console or Console()
     path = run_path_for(recipe, output)
-    if path.exists() and any(path.iterdir()) and not overwrite:
+    checkpoint = None
+    if resume:
+        checkpoint = resumable_checkpoint(RunDir(path))
+        console.print(f"[bold]resuming[/] {path} from {checkpoint.name}")
+    elif path.exists() and any(path.iterdir()) and not overwrite:
         raise RunDirError(f"run directory {path} already exists",
-                          fix="pass --overwrite to replace it, or --output DIR for a new one")
+                          fix="pass --overwrite to replace it, --resume to continue it, or --output DIR for a new one")
 
     from tuneforge.data.pipeline import prepare_data
     from tuneforge.models import load_tokenizer, pick_device, quiet_transformers
+    from tuneforge.recipe import resolve_path
 
     quiet_transformers()
     device = pick_device()
@@ -42,16 +50,43 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
                                trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
     data = prepare_data(recipe, tokenizer)
     print_data_summary(console, data.stats)
+    # The saved recipe names the data files by absolute path, so eval/resume work from any directory.
+    for key in ("train", "eval"):
+        value = getattr(recipe.data, key)
+        resolved = resolve_path(recipe, value)
+        if value and resolved and Path(resolved).exists():
+            setattr(recipe.data, key, str(Path(resolved).resolve()))
 
-    run = RunDir(path).create(overwrite=overwrite)
+    run = RunDir(path)
+    if resume:
+        run.set_status("running", resumed_from=checkpoint.name)
+    else:
+        run.create(overwrite=overwrite)
     try:
-        return _train_in(run, recipe, tokenizer, data, device, console)
+        return _train_in(run, recipe, tokenizer, data, device, console, checkpoint=checkpoint)
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
 
 
-def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console) -> RunDir:
+def resumable_checkpoint(run: RunDir) -> Path:
+    """The newest complete checkpoint of an unfinished run. Checkpoints that lack their trainer state (a save cut
+    short) are skipped, so an interrupted save never stops a resume."""
+    if not (run.path / "recipe.yaml").exists():
+        raise RunDirError(f"{run.path} is not a tuneforge run directory (no recipe.yaml)", fix="pass the run directory")
+    if run.status == "completed":
+        raise RunDirError(f"run {run.path} already completed; nothing to resume",
+                          fix="train a new run (--output) or raise train.max_steps in a new recipe")
+    candidates = sorted((p for p in (run.path / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for candidate in candidates:
+        if (candidate / "trainer_state.json").exists():
+            return candidate
+    raise RunDirError(f"run {run.path} has no complete checkpoint to resume from",
+                      fix="set train.save_every so checkpoints are written, then train again")
+
+
+def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console, checkpoint=None) -> RunDir:
     import torch
     from transformers import PrinterCallback, set_seed
 
@@ -62,9 +97,14 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     from tuneforge.models import load_base_model
     from tuneforge.progress import ProgressCallback
 
-    run.file("recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
-    run.write_json("environment.json", environment())
-    run.write_json("data_stats.json", data.stats.__dict__)
+    if checkpoint is None:
+        run.file("recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        run.write_json("environment.json", environment())
+        run.write_json("data_stats.json", data.stats.__dict__)
+    else:  # drop metric rows logged after the checkpoint: they are logged again
+        step = int(checkpoint.name.split("-")[-1])
+        kept = [row for row in run.metrics() if row.get("step", 0) <= step]
+        run.file("metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
     set_seed(recipe.train.seed)
 
     console.print(f"[bold]model[/] {recipe.model.name} on {device}")
@@ -72,8 +112,8 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     eos_ids = align_eos(tokenizer, model)
     console.print(f"generation stops at token ids {eos_ids} ({tokenizer.convert_ids_to_tokens(eos_ids)})")
 
-    baseline = None
-    if recipe.eval.baseline and recipe.method == "sft" and data.eval_examples:
+    baseline = run.read_json("eval/baseline.json") if checkpoint is not None else None
+    if baseline is None and recipe.eval.baseline and recipe.method == "sft" and data.eval_examples:
         baseline = score_model(model, tokenizer, data.eval_examples, recipe, console, label="base model")
         run.write_json("eval/baseline.json", baseline)
 
@@ -84,10 +124,14 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     eval_dataset = to_dataset(data.eval) if data.eval else None
     trainer = build(recipe, model, tokenizer, to_dataset(data.train), eval_dataset, run, device, [ProgressCallback(run, console)])
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
-    base_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+    if checkpoint is None:
+        base_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+        run.set_status("running", base_eval_loss=base_loss)
+    else:
+        base_loss = (run.read_json("status.json", {}) or {}).get("base_eval_loss")
 
     started = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - started
 
     weights = run.file("adapter" if recipe.uses_lora else "model")
