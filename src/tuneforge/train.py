@@ -93,6 +93,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     from tuneforge.adapters import apply_adapter, describe_trainable
     from tuneforge.data.pipeline import to_dataset
     from tuneforge.data.template import align_eos
+    from tuneforge.guards import InterruptGuard, NumericalGuard
     from tuneforge.methods import get_method
     from tuneforge.models import load_base_model
     from tuneforge.progress import ProgressCallback
@@ -122,7 +123,9 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
 
     build = get_method(recipe.method)
     eval_dataset = to_dataset(data.eval) if data.eval else None
-    trainer = build(recipe, model, tokenizer, to_dataset(data.train), eval_dataset, run, device, [ProgressCallback(run, console)])
+    numerical, interrupt = NumericalGuard(), InterruptGuard()
+    trainer = build(recipe, model, tokenizer, to_dataset(data.train), eval_dataset, run, device,
+                    [ProgressCallback(run, console), numerical, interrupt])
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
     if checkpoint is None:
         base_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
@@ -131,8 +134,15 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         base_loss = (run.read_json("status.json", {}) or {}).get("base_eval_loss")
 
     started = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with interrupt:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - started
+    numerical.raise_if_faulted(run)
+    if interrupt.requested:
+        run.set_status("interrupted", step=trainer.state.global_step, finished=time.time())
+        console.print(f"[yellow]stopped at step {trainer.state.global_step}; checkpoint saved.[/] "
+                      f"Continue with: tuneforge train --resume {run.path}")
+        return run
 
     weights = run.file("adapter" if recipe.uses_lora else "model")
     trainer.save_model(str(weights))
