@@ -43,17 +43,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def make_datasets() -> None:
     rng = random.Random(1234)
-    pool = [chat(i, rng) for i in range(400)]
-    train, held = pool[:200], pool[200:260]
+    pool = [chat(i, rng) for i in range(180)]
+    train, held = pool[:120], pool[120:180]
     write_jsonl(DATA / "clean-train.jsonl", train)
     write_jsonl(DATA / "clean-eval.jsonl", held)
     write_jsonl(DATA / "overlap-eval.jsonl", held[:30] + train[:30])
     write_jsonl(DATA / "small-eval.jsonl", held[:10])
     write_jsonl(DATA / "tiny-train.jsonl", train[:1])
-    dupes = train[:160] + [train[i] for i in range(0, 80, 2)]
+    dupes = train[:100] + [train[i] for i in range(0, 40, 2)]
     write_jsonl(DATA / "dupes-train.jsonl", dupes)
     rng = random.Random(99)
-    write_jsonl(DATA / "long-train.jsonl", [chat(1000 + i, rng, long=i % 5 < 2) for i in range(200)])
+    write_jsonl(DATA / "long-train.jsonl", [chat(1000 + i, rng, long=i % 5 < 2) for i in range(120)])
     texts = []
     for i, row in enumerate(train):
         user, answer = row["messages"][0]["content"], row["messages"][1]["content"]

@@ -235,7 +235,7 @@ def check_effective_batch(ctx: Context):
     where = ctx.where("train.grad_accum") + ", " + ctx.where("train.batch_size")
     if batch < low:
         yield Finding("warning", "effective-batch-size",
-                      f"effective batch size is {batch} (batch_size x grad_accum), below {low}",
+                      f"effective batch size is {batch} (batch_size x grad_accum{' x devices' if batch != _get(ctx.recipe, 'train.batch_size', 1) * _get(ctx.recipe, 'train.grad_accum', 1) else ''}), below {low}",
                       "small batches give noisy gradients: the loss jumps around and training is less stable",
                       f"raise train.grad_accum so batch_size x grad_accum is {low} to {high} (e.g. grad_accum {math.ceil(low / max(1, _get(ctx.recipe, 'train.batch_size', 1)))})",
                       where)
@@ -1008,15 +1008,15 @@ def run_doctor(recipe, *, tokenizer=None, data=None, model_config=None, device_i
 
 
 def doctor_recipe(recipe, *, tokenizer=None, data=None, model_config=None, device_info=None,
-                  overrides: list[str] | None = None) -> list[Finding]:
+                  overrides: list[str] | None = None, source: str | None = None) -> list[Finding]:
     """Doctor a recipe (a path, or a loaded Recipe): loads the tokenizer, the model's config (no weights) and the
     prepared data unless given, turns load failures into findings, then runs every check. `device_info` defaults
-    to this machine (`detect_device`); pass `device_from_gpu("H100")` to check for another machine."""
+    to this machine (`detect_device`); pass `device_from_gpu("H100")` to check for another machine. `source` is
+    the recipe file of a loaded Recipe, for file:line locations (or set `recipe._source_path`)."""
     from tuneforge.errors import ModelError
     from tuneforge.recipe import load_recipe
 
     findings: list[Finding] = []
-    source = None
     if isinstance(recipe, (str, Path)):
         source = str(recipe)
         recipe = load_recipe(recipe, overrides)  # a recipe that does not validate raises RecipeError as usual

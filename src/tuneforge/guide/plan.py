@@ -151,6 +151,7 @@ class ModelShape:
     params_blocks_other: int = 0  # per-block non-linear parameters other than norms (rare)
     active_mlp_factor: float = 1.0  # MoE: experts each token passes through (activations scale with it)
     source: str = "formula"  # "formula" or "meta" (counted on a meta-device model)
+    notes: list[str] = field(default_factory=list)  # where the estimate is rougher than usual
 
     @property
     def q_dim(self) -> int:
@@ -318,6 +319,12 @@ def meta_shape(config) -> ModelShape:
     if block_linear * layers != linear_total:
         # linears outside the repeated blocks (rare): keep the count exact
         shape.params_norm += linear_total - block_linear * layers
+    if _is_moe(text):
+        shape.notes.append("mixture-of-experts: the parameter count is exact, but expert weights stored as fused "
+                           "tensors are counted as unquantized and activations assume top-k experts per token")
+    elif shape.model_type not in LLAMA_LIKE:
+        shape.notes.append(f"{shape.model_type}: parameters counted exactly; activations use the Llama-block formula "
+                           "(an approximation for this architecture)")
     return shape
 
 
@@ -697,6 +704,7 @@ class Plan:
     activation_table: list[dict[str, Any]]
     tokens: float | None = None  # training tokens (recipe data x epochs) when known
     recipe_adapter: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def default_gpu() -> GpuSpec:
@@ -792,7 +800,7 @@ def make_plan(source, *, gpu: str | GpuSpec | None = None, vram_gb: float | None
             gc = plan_memory(shape, adapter="lora", seq_len=s, batch_size=b, dtype=dtype, gradient_checkpointing=True)["activations"]
             table.append({"seq_len": s, "batch_size": b, "activations_gib": no_gc / GIB, "activations_gc_gib": gc / GIB})
     return Plan(model=name, params_total=shape.params_total, gpu=spec, settings={**settings, "dtype": dtype},
-                rows=rows, activation_table=table, tokens=tokens, recipe_adapter=recipe_adapter)
+                rows=rows, activation_table=table, tokens=tokens, recipe_adapter=recipe_adapter, notes=list(shape.notes))
 
 
 def _recipe_dtype(recipe, gpu: GpuSpec) -> str:
@@ -832,6 +840,8 @@ def render_plan(console, plan: Plan) -> None:
                   f"{s['dtype']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}")
     if s.get("seq_len_warning"):
         console.print(f"[yellow]{s['seq_len_warning']}[/]")
+    for note in plan.notes:
+        console.print(f"[yellow]note: {note}[/]")
     table = Table(title="estimated peak GPU memory (GiB)")
     for column in ("", "weights", "grads", "optimizer", "activations", "LM head", "allocated", "on GPU", "verdict",
                    "max batch", "time"):
