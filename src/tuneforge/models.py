@@ -196,7 +196,12 @@ def load_base_model(model_section, *, quant=None, device: str | None = None, dty
     device = device or pick_device()
     source = resolve_model_source(model_section.name)
     dtype = dtype or resolve_dtype(model_section.dtype, device)
-    kwargs = dict(dtype=dtype, trust_remote_code=model_section.trust_remote_code, revision=model_section.revision)
+    kwargs = dict(dtype=dtype, trust_remote_code=model_section.trust_remote_code, revision=model_section.revision,
+                  use_safetensors=None if model_section.allow_pickle else True)
+    if model_section.trust_remote_code:
+        import warnings
+
+        warnings.warn(f"model.trust_remote_code is on: code shipped with {model_section.name} will run", stacklevel=2)
     if quant is not None:
         compute = resolve_dtype(quant.compute_dtype, device) if quant.compute_dtype != "auto" else dtype
         kwargs["quantization_config"] = quantization_config(quant, compute)
@@ -205,6 +210,11 @@ def load_base_model(model_section, *, quant=None, device: str | None = None, dty
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         if Path(source).exists():
+            pickled = any(Path(source).glob("*.bin")) or any(Path(source).glob("*.pt"))
+            if pickled and not model_section.allow_pickle and not any(Path(source).glob("*.safetensors")):
+                raise ModelError(f"{source} holds only pickle-based weights (.bin/.pt), which can run code when loaded",
+                                 where="model.allow_pickle",
+                                 fix="convert them to safetensors, or set model.allow_pickle: true if you trust the file") from None
             raise ModelError(f"could not load model from {source}: {exc}", where="model.name") from None
         raise _hub_error(model_section.name, exc) from None
     if quant is None and device != "cpu":

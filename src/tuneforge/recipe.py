@@ -46,6 +46,9 @@ class ModelSection(_Section):
         "auto", description="Weights dtype: auto = bf16 on a GPU that has it, fp32 on CPU (seed 000: CPU keeps fp32)."
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
+    allow_pickle: bool = Field(
+        False, description="Allow pickle-based weight files (.bin/.pt). Off: only safetensors load, as pickle can run code."
+    )
     chat_template: str | None = Field(
         None, description="Jinja chat template (text or path to a .jinja file) for a model that has none."
     )
