@@ -105,6 +105,17 @@ def test_every_recipe_parses_and_passes_the_doctor(goal, model, gpu, examples):
     assert {f.code for f in findings} <= allowed, [(f.code, f.message) for f in findings]
 
 
+def test_recipe_file_loads_like_train_loads_it(tmp_path):
+    from tuneforge.recipe import load_recipe
+
+    text, _ = recommend({"goal": "chat", "model": "llama-8b", "gpu": "T4", "examples": 800, "eval": "data/held out.jsonl"})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    recipe = load_recipe(path)
+    assert recipe.data.eval == "data/held out.jsonl" and recipe.train.precision == "fp16"  # a T4 has no bf16
+    assert recipe.model.dtype == "float16" and recipe.adapter.type in ("lora", "qlora")
+
+
 def test_reference_sizes_become_real_model_ids():
     recipe = parsed({"goal": "chat", "model": "llama-8b", "gpu": "H100"})[0]
     assert recipe.model.name == "meta-llama/Llama-3.1-8B"

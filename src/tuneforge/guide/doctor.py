@@ -358,8 +358,10 @@ def check_eval_size(ctx: Context):
         key = "eval.max_examples" if scored and scored < n else ("data.eval" if _get(ctx.recipe, "data.eval") else "data.eval_fraction")
         yield Finding("warning", "eval-set-too-small",
                       f"only {shown} held-out example(s) are scored",
-                      f"an accuracy measured on {shown} examples is uncertain by about +/-{margin:.0f} points (95%), so "
-                      "base-vs-tuned differences mean little",
+                      (f"held-out loss over {shown} examples is too noisy to show overfitting or forgetting"
+                       if ctx.method == "cpt" else
+                       f"an accuracy measured on {shown} examples is uncertain by about +/-{margin:.0f} points (95%), so "
+                       "base-vs-tuned differences mean little"),
                       f"hold out at least {EVAL_MIN_EXAMPLES} examples (a few hundred is better)", ctx.where(key))
 
 
