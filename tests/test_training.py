@@ -160,3 +160,17 @@ def test_target_modules_that_match_nothing_are_an_error(tiny_model_dir, small_sf
     with pytest.raises(RecipeError) as info:
         apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), recipe)
     assert "c_attn" in str(info.value) and "gate_proj" in str(info.value)
+
+
+def test_single_string_target_is_a_regex_that_must_match(tiny_model_dir, small_sft_file):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.adapters import apply_adapter
+    from tuneforge.errors import RecipeError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(RecipeError, match="regex"):
+        apply_adapter(model, parse_recipe(tiny_recipe(tiny_model_dir, small_sft_file, adapter={"target_modules": "q_proj"})))
+    wrapped = apply_adapter(model, parse_recipe(tiny_recipe(tiny_model_dir, small_sft_file,
+                                                            adapter={"target_modules": r".*\.(q|v)_proj"})))
+    assert sum("lora_A" in name for name, _ in wrapped.named_modules()) > 0

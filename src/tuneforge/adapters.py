@@ -26,7 +26,17 @@ def linear_module_names(model) -> list[str]:
 def check_target_modules(model, target_modules) -> None:
     if target_modules == "all-linear":
         return
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    if isinstance(target_modules, str):  # PEFT reads a single string as a regex over full module paths
+        import re
+
+        if not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+            raise RecipeError([
+                f"`adapter.target_modules`: the pattern {target_modules!r} matches no module path of this model "
+                f"(a single string is a regex over full paths like model.layers.0.self_attn.q_proj; for names use a "
+                f"list, e.g. [q_proj, v_proj]); its linear layers are {linear_module_names(model)}"
+            ])
+        return
+    targets = list(target_modules)
     existing = {name.split(".")[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in existing]
     if missing:

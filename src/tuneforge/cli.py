@@ -27,6 +27,7 @@ def train(
     output: Optional[str] = typer.Option(None, help="Run directory (default: <output_dir>/<name>)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     resume: Optional[Path] = typer.Option(None, help="Continue this unfinished run from its last checkpoint."),
+    no_doctor: bool = typer.Option(False, "--no-doctor", help="Skip the preflight checks (not recommended)."),
 ):
     """Train as the recipe says; writes a run directory and ends with base-vs-tuned scores."""
     from tuneforge.errors import RecipeError
@@ -40,7 +41,63 @@ def train(
         return
     if recipe is None:
         raise RecipeError(["train needs a recipe file (or --resume RUN_DIR)"])
-    run_train(load_recipe(recipe, set_), output=output, overwrite=overwrite, console=console)
+    run_train(load_recipe(recipe, set_), output=output, overwrite=overwrite, console=console, doctor=not no_doctor)
+
+
+@app.command()
+def doctor(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key."),
+    gpu: Optional[str] = typer.Option(None, help="Check for this GPU instead of this machine (e.g. H100, A10, T4)."),
+):
+    """Preflight checks: the seeds' common mistakes, each with why it matters and the fix. Exit 2 on errors."""
+    from tuneforge.guide.doctor import device_from_gpu, doctor_recipe, has_errors, render_findings
+    from tuneforge.recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_)
+    findings = doctor_recipe(loaded, device_info=device_from_gpu(gpu) if gpu else None)
+    render_findings(console, findings, title=f"doctor: {recipe}")
+    if has_errors(findings):
+        raise typer.Exit(2)
+
+
+@app.command()
+def plan(
+    source: str = typer.Argument(..., help="Recipe file, model folder, hub id, embedded model, or a size like llama-8b."),
+    gpu: Optional[str] = typer.Option(None, help="GPU to plan for (H100, H200, A100-80GB, A10, L4, RTX4090, T4)."),
+    vram: Optional[float] = typer.Option(None, help="GPU memory in GB (instead of --gpu)."),
+    seq_len: Optional[int] = typer.Option(None, help="Sequence length (default: the recipe's max_length)."),
+    batch_size: Optional[int] = typer.Option(None, help="Micro-batch size (default: the recipe's)."),
+):
+    """Memory and time estimate for full FT, LoRA and QLoRA, the largest batch that fits, and a verdict."""
+    from tuneforge.guide.plan import make_plan, render_plan
+
+    render_plan(console, make_plan(source, gpu=gpu, vram_gb=vram, seq_len=seq_len, batch_size=batch_size))
+
+
+@app.command()
+def recommend(
+    answer: list[str] = typer.Option([], "--answer", "-a", help="Answer a question up front: key=value (repeatable)."),
+    output: Optional[Path] = typer.Option(None, help="Write the recommended recipe here."),
+):
+    """Walk the seeds' decision tree (prompting / RAG / fine-tune; SFT / DPO / GRPO; LoRA / QLoRA / full) and
+    write a ready, commented recipe with the reason for each choice."""
+    from tuneforge.errors import RecipeError
+    from tuneforge.guide.recommend import recommend_interactive, render_recommendation
+
+    answers = {}
+    for item in answer:
+        if "=" not in item:
+            raise RecipeError([f"--answer {item!r}: expected key=value, e.g. --answer goal=task"])
+        key, value = item.split("=", 1)
+        answers[key.strip()] = value.strip()
+    recipe_yaml, reasons = recommend_interactive(console, answers=answers)
+    render_recommendation(console, recipe_yaml, reasons)
+    if output and recipe_yaml:
+        if output.exists():
+            raise RecipeError([f"{output} already exists; choose another --output"])
+        output.write_text(recipe_yaml, encoding="utf-8")
+        console.print(f"recipe written to {output}; next: tuneforge doctor {output}")
 
 
 @app.command("eval")

@@ -331,6 +331,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = apply_overrides(data, overrides)
     recipe = parse_recipe(data, source=str(path), text=text, overrides=overrides)
     recipe._source_dir = path.resolve().parent  # type: ignore[attr-defined]
+    recipe._source_path = str(path)  # type: ignore[attr-defined]  # for file:line in doctor findings
     return recipe
 
 

@@ -26,7 +26,7 @@ def run_path_for(recipe: Recipe, output: str | None) -> Path:
 
 
 def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False, console=None,
-          resume: bool = False) -> RunDir:
+          resume: bool = False, doctor: bool = True) -> RunDir:
     """Train into a new run directory, or (resume=True) continue the run at `output` from its last checkpoint."""
     from rich.console import Console
 
@@ -50,6 +50,14 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
                                trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
     data = prepare_data(recipe, tokenizer)
     print_data_summary(console, data.stats)
+    if doctor and not resume:  # preflight checks: errors stop here, before a run directory exists
+        from tuneforge.guide.doctor import doctor_recipe, raise_for_errors, render_findings
+
+        findings = doctor_recipe(recipe, tokenizer=tokenizer, data=data)
+        shown = [f for f in findings if f.severity != "info"]
+        if shown:
+            render_findings(console, shown, title="doctor")
+        raise_for_errors(findings)
     # The saved recipe names the data files by absolute path, so eval/resume work from any directory.
     for key in ("train", "eval"):
         value = getattr(recipe.data, key)
