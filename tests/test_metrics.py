@@ -164,6 +164,10 @@ def test_sandbox_runs_ordinary_code_and_reports_failures():
     assert ok.passed and ok.stdout.strip() == "45"
     failed = run_python("raise SystemExit(3)", timeout=20)
     assert failed.returncode == 3 and not failed.passed
+    hog = run_python("x = bytearray(2 * 1024**3)\n", timeout=20, memory_mb=256)
+    assert not hog.passed and "MemoryError" in hog.stderr
+    escape = run_python("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n", timeout=20, memory_mb=256)
+    assert not escape.passed  # the hard limit is set too, so the candidate cannot lift it
 
 
 # -- specs, custom metrics, score() --------------------------------------------------------------------------------

@@ -70,6 +70,15 @@ class RunData:
     def train_loss_series(self):
         return self.series("loss")
 
+    def eval_loss_series(self):
+        """Held-out loss at each evaluation, plus the final one from summary.json when metrics.jsonl lacks it."""
+        x, y = self.series("eval_loss")
+        final = (self.summary.get("eval_loss") or {}).get("tuned")
+        steps = self.summary.get("steps")
+        if final is not None and steps is not None and (not x or x[-1] < steps):
+            x, y = x + [steps], y + [final]
+        return x, y
+
     def baseline_table(self) -> dict[str, dict[str, float | None]]:
         """{metric: {"base", "few_shot", "tuned"}} from eval/*.json, completed from summary.json."""
         table: dict[str, dict] = {}
@@ -196,11 +205,7 @@ def make_plots(data: RunData, plots_dir: Path) -> dict[str, Path]:
     """Write the run's PNG plots; returns {name: path} for those that had data."""
     out: dict[str, Path] = {}
     train_x, train_y = data.train_loss_series()
-    eval_x, eval_y = data.series("eval_loss")
-    final = (data.summary.get("eval_loss") or {}).get("tuned")
-    steps = data.summary.get("steps")
-    if final is not None and steps is not None and (not eval_x or eval_x[-1] < steps):
-        eval_x, eval_y = eval_x + [steps], eval_y + [final]  # the final evaluation, when it is not in metrics.jsonl
+    eval_x, eval_y = data.eval_loss_series()
     if train_x or eval_x:
         figure = _figure()
         axes = figure.add_subplot()
@@ -821,7 +826,8 @@ def write_comparison(run_dirs: list[str | Path], output: str | Path) -> Path:
     figures = []
     with tempfile.TemporaryDirectory() as tmp:
         for key, title in (("loss", "Training loss"), ("eval_loss", "Held-out loss")):
-            series = [(label, *run.series(key)) for label, run in zip(labels, runs)]
+            series = [(label, *(run.eval_loss_series() if key == "eval_loss" else run.series(key)))
+                      for label, run in zip(labels, runs)]
             if not any(x for _, x, _ in series):
                 continue
             figure = _figure(6.4, 3.6)

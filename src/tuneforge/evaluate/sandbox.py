@@ -8,7 +8,8 @@ Isolation, in layers:
    connect/bind/getaddrinfo/sendto and, where there is no network namespace, starting processes (so a
    candidate cannot reach the network through `curl` either). `SandboxResult.isolation` says which was used.
 2. time: a wall-clock timeout (the whole process group is killed) and a CPU-seconds limit (RLIMIT_CPU);
-3. memory and files: RLIMIT_AS (address space) and RLIMIT_FSIZE (largest file it may write);
+3. memory and files: RLIMIT_AS (address space) and RLIMIT_FSIZE (largest file it may write), set by the child
+   before the candidate runs;
 4. filesystem: it runs in a fresh temporary directory (its HOME and cwd), deleted afterwards, with a minimal
    environment (no proxies, no tokens, HF_HUB_OFFLINE=1).
 
@@ -30,13 +31,23 @@ from dataclasses import dataclass
 # Installed before the candidate runs. Audit hooks cannot be removed, and `_socket` raises these events in C,
 # so importing `_socket` directly or reloading `socket` does not get around it.
 _GUARD = r'''
+import resource
 import sys
+
+def _cap(kind, value):
+    soft, hard = resource.getrlimit(kind)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(kind, (value, value))  # the hard limit too, so the candidate cannot raise it again
+
+for _kind, _value in @@LIMITS@@:
+    _cap(getattr(resource, _kind), _value)
 
 _BLOCK_NET = {"socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto",
               "socket.sendmsg", "socket.gethostbyaddr", "socket.getnameinfo"}
 _BLOCK_PROC = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
                "pty.spawn"}
-_block_proc = BLOCK_PROC
+_block_proc = @@BLOCK_PROC@@
 
 def _tuneforge_guard(event, args):
     if event in _BLOCK_NET:
@@ -81,24 +92,6 @@ def network_namespace_prefix() -> tuple[str, ...] | None:
     return None
 
 
-def _limits(memory_mb: int | None, cpu_seconds: int, file_mb: int):
-    def apply():
-        import resource
-
-        def cap(kind, value):
-            soft, hard = resource.getrlimit(kind)
-            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-            resource.setrlimit(kind, (value, value if hard == resource.RLIM_INFINITY else hard))
-
-        cap(resource.RLIMIT_CPU, cpu_seconds)
-        cap(resource.RLIMIT_FSIZE, file_mb * 2**20)
-        if memory_mb:
-            cap(resource.RLIMIT_AS, memory_mb * 2**20)
-        cap(resource.RLIMIT_CORE, 0)
-
-    return apply
-
-
 def run_python(code: str, *, timeout: float = 10.0, memory_mb: int | None = 1024, file_mb: int = 16,
                stdin: str = "", isolate_network: bool = True, max_output: int = 20_000) -> SandboxResult:
     """Run `code` as a script in a fresh process and directory; see the module docstring for the limits."""
@@ -108,7 +101,12 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int | None = 1024
         with open(os.path.join(workdir, "candidate.py"), "w", encoding="utf-8") as handle:
             handle.write(code)
         with open(os.path.join(workdir, "_guard.py"), "w", encoding="utf-8") as handle:
-            handle.write(_GUARD.replace("BLOCK_PROC", str(prefix is None)))
+            # Limits are set by the child itself, first thing (preexec_fn is unsafe with threads, and pass@k runs
+            # candidates from a thread pool).
+            limits = [("RLIMIT_CPU", int(timeout) + 1), ("RLIMIT_FSIZE", file_mb * 2**20), ("RLIMIT_CORE", 0)]
+            if memory_mb:
+                limits.append(("RLIMIT_AS", memory_mb * 2**20))
+            handle.write(_GUARD.replace("@@BLOCK_PROC@@", str(prefix is None)).replace("@@LIMITS@@", repr(limits)))
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1",
                "HF_HUB_OFFLINE": "1", "TUNEFORGE_SANDBOX": "1"}
@@ -116,8 +114,7 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int | None = 1024
         # -S is not used so the venv's site-packages (numpy etc.) stay importable.
         command = [*(prefix or ()), sys.executable, "-I", "_guard.py"]
         process = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True,
-                                   preexec_fn=_limits(memory_mb, int(timeout) + 1, file_mb))
+                                   stderr=subprocess.PIPE, start_new_session=True)
         try:
             out, err = process.communicate(stdin.encode("utf-8"), timeout=timeout)
             timed_out = False
