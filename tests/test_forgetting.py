@@ -162,3 +162,26 @@ def test_shots_go_after_the_system_message_and_before_the_question():
 def test_baseline_table():
     table = baseline_table({"base": {"metrics": {"em": 10.0}}, "few_shot": None, "tuned": {"metrics": {"em": 90.0, "f1": 5.0}}})
     assert table == {"em": {"base": 10.0, "few_shot": None, "tuned": 90.0}, "f1": {"base": None, "few_shot": None, "tuned": 5.0}}
+
+
+def test_local_judge_answers_through_the_chat_template(tiny):
+    from tuneforge.evaluate.judge import compare_answers, local_judge
+
+    model, tokenizer = tiny
+    ask = local_judge(model, tokenizer, max_new_tokens=4)
+    assert isinstance(ask("Say hi"), str)
+    result = compare_answers(ask, ["q1", "q2"], ["a", "b"], ["c", "d"])  # a random model gives no verdicts: all ties
+    assert result["n"] == 2 and sum(result["wins"].values()) == 2 and result["unparsed"] <= 4
+
+
+def test_evaluate_generation_keeps_question_and_per_example_scores(tiny):
+    from tuneforge.evaluate.scoring import evaluate_generation
+
+    model, tokenizer = tiny
+    examples = [chat("What is 2+2?", "4", system="sys"), chat("Capital of France?", "Paris")]
+    result = evaluate_generation(model, tokenizer, examples, metrics=["exact_match", {"name": "regex", "pattern": "."}],
+                                 max_examples=None, max_new_tokens=3, batch_size=2)
+    assert result["n"] == 2 and set(result["metrics"]) == {"exact_match", "regex"}
+    first = result["samples"][0]
+    assert first["question"] == "What is 2+2?" and first["reference"] == "4"
+    assert set(first["scores"]) == {"exact_match", "regex"} and first["scores"]["exact_match"] in (0.0, 1.0)

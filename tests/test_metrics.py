@@ -284,3 +284,73 @@ def test_grade_answers_parses_scores():
     result = grade_answers(lambda prompt: next(replies), ["q1", "q2", "q3"], ["long answer here", "x", "y"])
     assert result["mean_score"] == 5.0 and result["unparsed"] == 1
     assert result["score_pct"] == pytest.approx(100 * 4 / 9)
+
+
+def test_openai_compatible_judge_over_http(monkeypatch):
+    """A fake OpenAI-compatible server on localhost: the request shape, the key from the environment, the reply."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from tuneforge.errors import ModelError
+    from tuneforge.evaluate.judge import openai_judge
+
+    seen = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.update(path=self.path, auth=self.headers.get("Authorization"), body=body)
+            if body["model"] == "broken":
+                self.send_response(500)
+                self.end_headers()
+                self.wfile.write(b"boom")
+                return
+            reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": "fine. [[B]]"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("JUDGE_KEY", "sekret")
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        ask = openai_judge(url, "judge-model", api_key_env="JUDGE_KEY")
+        assert ask("Which is better?") == "fine. [[B]]"
+        assert seen["path"] == "/v1/chat/completions" and seen["auth"] == "Bearer sekret"
+        assert seen["body"]["model"] == "judge-model" and seen["body"]["temperature"] == 0.0
+        assert seen["body"]["messages"] == [{"role": "user", "content": "Which is better?"}]
+        with pytest.raises(ModelError, match="HTTP 500"):
+            openai_judge(url, "broken")("x")
+    finally:
+        server.shutdown()
+    with pytest.raises(ModelError, match="cannot reach"):
+        openai_judge(f"http://127.0.0.1:{server.server_port}/v1", "m", timeout=2)("x")
+
+
+def test_judge_results_reads_saved_evaluations():
+    from tuneforge.evaluate.judge import judge_results
+
+    def sample(i, prediction):
+        return {"prompt": f"<t>q{i}</t>", "question": f"q{i}", "reference": f"r{i}", "prediction": prediction}
+
+    results = {"base": {"samples": [sample(i, "x") for i in range(3)]},
+               "tuned": {"samples": [sample(i, "a longer answer") for i in range(3)]}}
+    asked = []
+
+    def ask(prompt):
+        asked.append(prompt)
+        return "Score: 6 [[A]]"
+
+    out = judge_results(ask, results, description="fake")
+    assert out["judge"] == "fake" and set(out["grades"]) == {"base", "tuned"}
+    assert out["grades"]["tuned"]["mean_score"] == 6.0
+    assert out["pairwise"]["position_bias"] is True and out["pairwise"]["n"] == 3
+    assert all("[User request]\nq" in prompt for prompt in asked)  # the question, not the templated prompt
+    json.dumps(out)
