@@ -354,3 +354,11 @@ def test_judge_results_reads_saved_evaluations():
     assert out["pairwise"]["position_bias"] is True and out["pairwise"]["n"] == 3
     assert all("[User request]\nq" in prompt for prompt in asked)  # the question, not the templated prompt
     json.dumps(out)
+
+
+def test_a_judge_that_never_answers_is_not_called_biased():
+    prompts, base, tuned = _answers()
+    result = compare_answers(lambda prompt: "I am not sure.", prompts, base, tuned)
+    assert result["unparsed"] == 12 and result["usable_pairs"] == 0
+    assert result["position_consistency"] is None and result["position_bias"] is False
+    assert result["wins"]["tie"] == 6

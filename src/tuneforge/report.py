@@ -357,6 +357,7 @@ details { margin: 6px 0; } summary { cursor: pointer; color: var(--accent); }
 .sample:first-of-type { border-top: none; }
 .answers { display: grid; grid-template-columns: repeat(auto-fit, minmax(220px, 1fr)); gap: 8px; margin-top: 6px; }
 .answers .label { color: var(--muted); font-size: 12px; margin-bottom: 2px; }
+.answers .marks { font-size: 11px; }
 .note { color: var(--muted); font-size: 13px; }
 footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 24px; }
 """
@@ -429,8 +430,10 @@ def _headline(data: RunData) -> str:
     comparison = (data.forgetting or {}).get("comparison")
     if comparison:
         badge = '<span class="badge bad">drop</span>' if comparison["flagged"] else '<span class="badge ok">ok</span>'
-        acc = comparison.get("scores", {}).get("accuracy")
-        note = f"probe {acc['before']:.1f} → {acc['after']:.1f}" if acc else ""
+        scores = comparison.get("scores", {})
+        shown = [k for k, v in scores.items() if v.get("flagged")] or [k for k in ("accuracy",) if k in scores]
+        names = {"accuracy": "probe", "accuracy_norm": "probe (len-norm)", "instructions": "instructions"}
+        note = "; ".join(f"{names.get(k, k)} {scores[k]['before']:.1f} → {scores[k]['after']:.1f}" for k in shown)
         cards.append(_card("forgetting", badge, _e(note)))
     if data.contamination:
         c = data.contamination
@@ -484,7 +487,7 @@ def _results_section(data: RunData) -> str:
     for name, values in table.items():
         if values.get("few_shot") is not None and values.get("tuned") is not None and values["few_shot"] >= values["tuned"]:
             verdict = (f'<p class="note"><span class="badge warn">note</span> on {_e(name)} the prompt-only baseline '
-                       f"does as well as the tuned model: a prompt may be all this task needs.</p>")
+                       f"matches or beats the tuned model: a prompt may be all this task needs.</p>")
             break
     return (f'<section id="results"><h2>Held-out results</h2><p class="note">{_e(note)}</p>'
             f"<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{verdict}</section>")
@@ -545,14 +548,16 @@ def _judge_section(data: RunData) -> str:
             bias.append('<span class="badge bad">position bias</span>')
         if pair.get("length_bias"):
             bias.append('<span class="badge bad">length bias</span>')
+        if pair.get("position_consistency") is None:
+            bias.append('<span class="badge warn">no usable verdicts</span>')
         if not bias:
             bias.append('<span class="badge ok">no bias flagged</span>')
         parts.append(
             f"<h3>Pairwise: {_e(y)} vs {_e(x)} ({pair['n']} prompts, each judged in both orders) {' '.join(bias)}</h3>"
             f"<table><tbody>"
             f"<tr><td>{_e(y)} wins / {_e(x)} wins / ties</td><td class='num'>{pair['wins'][y]} / {pair['wins'][x]} / {pair['wins']['tie']}</td></tr>"
-            f"<tr><td>{_e(y)} win rate (ties count half)</td><td class='num'>{_fmt(pair['win_rate'][y])}%</td></tr>"
-            f"<tr><td>same verdict in both orders (position consistency)</td><td class='num'>{_fmt(_pct(pair.get('position_consistency')))}%</td></tr>"
+            f"<tr><td>{_e(y)} win rate (ties count half)</td><td class='num'>{_fmt(pair['win_rate'][y], 1, '%')}</td></tr>"
+            f"<tr><td>same verdict in both orders (position consistency)</td><td class='num'>{_fmt(_pct(pair.get('position_consistency')), 1, '%')}</td></tr>"
             f"<tr><td>verdicts for the answer shown first (0.5 = unbiased)</td><td class='num'>{_fmt(pair.get('first_position_rate'), 2)}</td></tr>"
             f"<tr><td>decided pairs won by the longer answer</td><td class='num'>{_fmt(pair.get('longer_preferred_rate'), 2)}</td></tr>"
             f"<tr><td>replies with no verdict</td><td class='num'>{pair.get('unparsed', 0)}</td></tr>"
@@ -657,7 +662,7 @@ def _score_marks(scores: dict) -> str:
         text = "✓" if value == 1 else "✗" if value == 0 else f"{value:.2f}"
         css = "pos" if value == 1 else "neg" if value == 0 else ""
         marks.append(f'{_e(name)} <span class="{css}">{text}</span>')
-    return (" · " + " · ".join(marks)) if marks else ""
+    return f'<div class="marks">{" · ".join(marks)}</div>' if marks else ""
 
 
 def _data_section(data: RunData) -> str:

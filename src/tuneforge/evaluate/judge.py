@@ -223,7 +223,8 @@ def compare_answers(ask: Ask, prompts: list[str], answers_x: list[str], answers_
     """Judge system X against system Y on each prompt, in both orders.
 
     -> {"names": [x, y], "n", "wins": {x: .., y: .., "tie": ..}, "win_rate": {x: %, y: %} (ties count half),
-        "position_consistency": share of pairs judged the same in both orders,
+        "position_consistency": share of pairs judged the same in both orders (of those with a verdict in both;
+        None if none had), "usable_pairs": how many pairs that is,
         "first_position_rate": share of decisive verdicts that went to the answer shown first (0.5 unbiased),
         "longer_preferred_rate": share of consistently decided pairs (answers of different length) won by the
         longer answer, or None, "position_bias": bool, "length_bias": bool, "unparsed": verdicts with no [[X]],
@@ -260,7 +261,9 @@ def compare_answers(ask: Ask, prompts: list[str], answers_x: list[str], answers_
         items.append(PairVerdict(v1, v2, winner, consistent).__dict__)
 
     n = len(items)
-    consistency = sum(item["consistent"] for item in items) / n if n else None
+    # Consistency is measured on pairs with a verdict in both orders: a reply without one says nothing about order.
+    usable = [item for item in items if item["first_order"] is not None and item["swapped_order"] is not None]
+    consistency = sum(item["consistent"] for item in usable) / len(usable) if usable else None
     first_rate = first_wins / decisive if decisive else None
     longer_rate = longer_wins / length_decided if length_decided else None
     return {
@@ -274,6 +277,7 @@ def compare_answers(ask: Ask, prompts: list[str], answers_x: list[str], answers_
         "position_bias": consistency is not None and consistency < POSITION_CONSISTENCY_MIN,
         "length_bias": longer_rate is not None and length_decided >= 5 and longer_rate > LENGTH_PREFERENCE_MAX,
         "unparsed": sum(v is None for v in verdicts),
+        "usable_pairs": len(usable),
         "items": items,
     }
 
