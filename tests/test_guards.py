@@ -25,7 +25,7 @@ def test_nan_loss_stops_with_the_step_named(tmp_path, tiny_model_dir, small_sft_
                                                  "max_grad_norm": 1e30},
                                           eval={"baseline": False}))
     out = tmp_path / "nan"
-    proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(recipe), "--output", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(recipe), "--output", str(out), "--no-doctor"],
                           capture_output=True, text=True, timeout=600, env={"COLUMNS": "300", **_env()})
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "at step" in proc.stderr and "lower train.lr" in proc.stderr and "Traceback" not in proc.stderr
@@ -38,7 +38,7 @@ def test_ctrl_c_saves_checkpoint_then_resume_finishes(tmp_path, tiny_model_dir, 
                                           train={"max_steps": 40, "batch_size": 2},
                                           eval={"baseline": False, "max_examples": 1, "max_new_tokens": 2}))
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(recipe), "--output", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(recipe), "--output", str(out), "--no-doctor"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:

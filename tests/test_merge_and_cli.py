@@ -18,7 +18,7 @@ from tuneforge.train import train
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_model_dir, small_sft_file):
     recipe = parse_recipe(tiny_recipe(tiny_model_dir, small_sft_file, train={"max_steps": 3, "lr": 1e-2}))
-    return train(recipe, output=str(tmp_path_factory.mktemp("lora") / "run"), console=Console(quiet=True))
+    return train(recipe, output=str(tmp_path_factory.mktemp("lora") / "run"), console=Console(quiet=True), doctor=False)
 
 
 def _logits(model, ids):
@@ -55,7 +55,7 @@ def test_qlora_merge_uses_unquantized_base(tmp_path, tiny_model_dir, small_sft_f
     recipe = parse_recipe(tiny_recipe(tiny_model_dir, small_sft_file, adapter={"type": "qlora"},
                                       train={"max_steps": 2, "lr": 1e-2, "optimizer": "adamw_torch"},
                                       eval={"baseline": False}))
-    run = train(recipe, output=str(tmp_path / "qrun"), console=Console(quiet=True))
+    run = train(recipe, output=str(tmp_path / "qrun"), console=Console(quiet=True), doctor=False)
     merged_dir = merge_run(str(run.path), str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any("4bit" in type(m).__name__ for m in merged.modules())

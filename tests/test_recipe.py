@@ -116,7 +116,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     problems = problems_of(excinfo)
     text = "\n".join(problems)
     assert len(problems) == 5, text
-    for key in ("`model.nme`", "`train.batch_size`", "`train.lrr`", "`eval.metrics.0`", "`data`"):
+    for key in ("`model.nme`", "`train.batch_size`", "`train.lrr`", "`eval.metrics`", "unknown metric `bleu`", "`data`"):
         assert key in text
     assert "required key is missing" in text
     assert "5 problem(s)" in str(excinfo.value)

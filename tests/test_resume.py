@@ -32,7 +32,7 @@ def _losses(run_path):
 @pytest.mark.parametrize("adapter_type", ["lora", "full"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, small_sft_file, adapter_type):
     recipe = _recipe_file(tmp_path, tiny_model_dir, small_sft_file, adapter_type)
-    cmd = [sys.executable, "-m", "tuneforge", "train", str(recipe)]
+    cmd = [sys.executable, "-m", "tuneforge", "train", str(recipe), "--no-doctor"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(cmd + ["--output", str(straight)], check=True, capture_output=True, timeout=600)
 
@@ -59,7 +59,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, sma
 def test_resume_of_completed_run_is_refused(tmp_path, tiny_model_dir, small_sft_file):
     recipe = _recipe_file(tmp_path, tiny_model_dir, small_sft_file, "lora")
     out = tmp_path / "done"
-    subprocess.run([sys.executable, "-m", "tuneforge", "train", str(recipe), "--output", str(out),
+    subprocess.run([sys.executable, "-m", "tuneforge", "train", str(recipe), "--output", str(out), "--no-doctor",
                     "--set", "train.max_steps=2"], check=True, capture_output=True, timeout=600)
     proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", "--resume", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and "already completed" in proc.stderr

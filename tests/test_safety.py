@@ -35,7 +35,7 @@ def test_planted_secret_never_reaches_the_run_directory(tmp_path, tiny_model_dir
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     recipe = parse_recipe(tiny_recipe(tiny_model_dir, small_sft_file, train={"max_steps": 1}))
-    run = train(recipe, output=str(tmp_path / "run"), console=Console(quiet=True))
+    run = train(recipe, output=str(tmp_path / "run"), console=Console(quiet=True), doctor=False)
     hits = [p for p in run.path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert hits == []
     assert os.environ["HF_TOKEN"] == secret  # the run did not need to unset it

@@ -15,7 +15,7 @@ from tuneforge.train import train
 def run_tiny(tmp_path, tiny_model_dir, small_sft_file, **sections):
     recipe = parse_recipe(tiny_recipe(tiny_model_dir, small_sft_file, **sections))
     console = Console(record=True, width=200)
-    run = train(recipe, output=str(tmp_path / "run"), console=console)
+    run = train(recipe, output=str(tmp_path / "run"), console=console, doctor=False)
     return run, console.export_text()
 
 
@@ -35,7 +35,12 @@ def test_lora_run_directory_and_trainable_count(tmp_path, tiny_model_dir, small_
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     summary = run.read_json("summary.json")
     assert summary["steps"] == 3
-    assert set(summary["metrics"]["exact_match"]) == {"base", "tuned"}
+    assert set(summary["metrics"]["exact_match"]) == {"base", "few_shot", "tuned"}
+    assert {"baseline.json", "few_shot.json", "tuned.json", "forgetting.json", "contamination.json"} <= {
+        p.name for p in (run.path / "eval").iterdir()}
+    forgetting = run.read_json("eval/forgetting.json")
+    assert forgetting["before"]["n"] == forgetting["after"]["n"] > 0 and "flagged" in forgetting["comparison"]
+    assert (run.path / "report.html").exists() and list((run.path / "plots").glob("*.png"))
 
 
 def test_full_finetune_loss_falls(tmp_path, tiny_model_dir, small_sft_file):
@@ -88,7 +93,7 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path, tiny_model_dir, sm
                                           train={"max_steps": 1, "batch_size": batch, "grad_accum": accum,
                                                  "lr": 1e-2, "scheduler": "constant"},
                                           eval={"baseline": False}))
-        run = train(recipe, output=str(tmp_path / name), console=Console(quiet=True))
+        run = train(recipe, output=str(tmp_path / name), console=Console(quiet=True), doctor=False)
         weights.append(load_file(str(run.path / "model" / "model.safetensors")))
     original = load_file(str(tiny_model_dir / "model.safetensors"))
     moved = 0
@@ -125,7 +130,7 @@ def test_cpt_with_packing_trains(tmp_path, tiny_model_dir):
     cpt_file = Path(__file__).resolve().parent.parent / "data" / "cpt" / "sample.jsonl"
     recipe = parse_recipe(tiny_recipe(tiny_model_dir, cpt_file, method="cpt", train={"max_steps": 2, "packing": True,
                                                                                      "batch_size": 2}))
-    run = train(recipe, output=str(tmp_path / "cpt"), console=Console(quiet=True))
+    run = train(recipe, output=str(tmp_path / "cpt"), console=Console(quiet=True), doctor=False)
     stats = run.read_json("data_stats.json")
     assert stats["format"] == "text" and stats["loss_tokens"] == stats["train_tokens"]
     losses = [row["loss"] for row in read_metrics(run.path) if "loss" in row]

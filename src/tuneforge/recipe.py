@@ -113,12 +113,40 @@ class TrainSection(_Section):
     eval_every: int | None = Field(None, gt=0, description="Held-out loss every N steps (None: at the end only).")
     logging_steps: int = Field(1, gt=0, description="Log loss/lr/throughput every N steps.")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (None: only the final weights).")
+    early_stopping: EarlyStoppingSection | None = Field(
+        None, description="Stop when the held-out loss plateaus (needs eval_every); e.g. {patience: 3, min_delta: 0.01}."
+    )
+
+
+class EarlyStoppingSection(_Section):
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+    metric: str = Field("eval_loss", description="What to watch (lower is better for eval_loss).")
 
 
 class EvalSection(_Section):
-    metrics: list[Literal["exact_match", "contains", "json_valid"]] = Field(
-        default_factory=lambda: ["exact_match"], description="Generation metrics on the held-out set."
+    metrics: list[str | dict] = Field(
+        default_factory=lambda: ["exact_match"],
+        description="Generation metrics: names (exact_match, contains, regex, json_valid, json_schema, rouge_l, accuracy, "
+        "macro_f1, pass_at_k) or mappings with options, e.g. {name: json_schema, schema: schema.json}; see evaluate/metrics.py.",
     )
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, items: list) -> list:
+        """Names and options are checked here; files a metric names are read when the run starts."""
+        from tuneforge.errors import RecipeError
+        from tuneforge.evaluate.metrics import parse_metric_spec
+
+        for i, item in enumerate(items):
+            try:
+                parse_metric_spec(item, where=f"eval.metrics.{i}")
+            except RecipeError as exc:
+                raise ValueError("; ".join(p.split(": ", 1)[-1] for p in exc.problems)) from None
+        return items
+
+    few_shot: int = Field(3, ge=0, description="Shots in the prompt-only baseline built from training examples (0: off).")
+    forgetting: bool = Field(True, description="Run the shipped general-ability probe before and after training.")
+    forgetting_threshold: float = Field(5.0, gt=0, description="Flag a probe drop larger than this many points.")
     max_examples: int | None = Field(100, gt=0, description="Held-out examples scored by generation (None: all).")
     max_new_tokens: int = Field(128, gt=0, description="Generation budget per answer.")
     batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
@@ -155,6 +183,8 @@ class Recipe(_Section):
             self.train.lr = DEFAULT_LR[self.adapter.type]
         if self.train.optimizer is None:
             self.train.optimizer = DEFAULT_OPTIMIZER[self.adapter.type]
+        if self.train.early_stopping is not None and not self.train.eval_every:
+            raise KeyedValueError("train.early_stopping", "needs train.eval_every (how often the held-out loss is measured)")
         if self.method == "cpt" and self.data.format not in ("auto", "text"):
             raise KeyedValueError("data.format", f"method cpt trains on plain text; data.format must be text or auto "
                                                  f"(got {self.data.format!r})")

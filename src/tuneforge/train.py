@@ -48,6 +48,9 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     device = pick_device()
     tokenizer = load_tokenizer(recipe.model.name, chat_template=recipe.model.chat_template,
                                trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+    from tuneforge.evaluate.metrics import resolve_metrics
+
+    metric_specs = resolve_metrics(recipe.eval.metrics, base_dir=getattr(recipe, "_source_dir", None))
     data = prepare_data(recipe, tokenizer)
     print_data_summary(console, data.stats)
     if doctor and not resume:  # preflight checks: errors stop here, before a run directory exists
@@ -71,7 +74,7 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     else:
         run.create(overwrite=overwrite)
     try:
-        return _train_in(run, recipe, tokenizer, data, device, console, checkpoint=checkpoint)
+        return _train_in(run, recipe, tokenizer, data, device, console, metric_specs, checkpoint=checkpoint)
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
@@ -94,13 +97,15 @@ def resumable_checkpoint(run: RunDir) -> Path:
                       fix="set train.save_every so checkpoints are written, then train again")
 
 
-def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console, checkpoint=None) -> RunDir:
+def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console, metric_specs,
+              checkpoint=None) -> RunDir:
     import torch
     from transformers import PrinterCallback, set_seed
 
     from tuneforge.adapters import apply_adapter, describe_trainable
     from tuneforge.data.pipeline import to_dataset
     from tuneforge.data.template import align_eos
+    from tuneforge.evaluate.baselines import baseline_table
     from tuneforge.guards import InterruptGuard, NumericalGuard
     from tuneforge.methods import get_method
     from tuneforge.models import load_base_model
@@ -121,10 +126,35 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     eos_ids = align_eos(tokenizer, model)
     console.print(f"generation stops at token ids {eos_ids} ({tokenizer.convert_ids_to_tokens(eos_ids)})")
 
+    from tuneforge.evaluate.contamination import contamination_report, describe
+
+    contamination = contamination_report(data.train_examples, data.eval_examples)
+    run.write_json("eval/contamination.json", contamination)
+    console.print(f"[bold]contamination[/] {describe(contamination)}")
+
+    # Before training: the base model zero-shot and with a few-shot prompt (the prompt-only baseline), and the
+    # general-ability probe. Also a dry run of generation before any GPU hour is spent on training.
+    scored = recipe.method == "sft" and bool(data.eval_examples)
     baseline = run.read_json("eval/baseline.json") if checkpoint is not None else None
-    if baseline is None and recipe.eval.baseline and recipe.method == "sft" and data.eval_examples:
-        baseline = score_model(model, tokenizer, data.eval_examples, recipe, console, label="base model")
+    if baseline is None and recipe.eval.baseline and scored:
+        baseline = score_model(model, tokenizer, data.eval_examples, recipe, metric_specs, console, label="base model")
         run.write_json("eval/baseline.json", baseline)
+    few_shot = run.read_json("eval/few_shot.json") if checkpoint is not None else None
+    if few_shot is None and recipe.eval.baseline and scored and recipe.eval.few_shot:
+        from tuneforge.evaluate.baselines import few_shot_examples
+
+        shots = few_shot_examples(data.eval_examples, data.train_examples, k=recipe.eval.few_shot, seed=recipe.train.seed,
+                                  as_text=not tokenizer.chat_template)
+        few_shot = score_model(model, tokenizer, shots, recipe, metric_specs, console,
+                               label=f"base model, {recipe.eval.few_shot}-shot prompt")
+        run.write_json("eval/few_shot.json", few_shot)
+    probe_before = (run.read_json("eval/forgetting.json", {}) or {}).get("before") if checkpoint is not None else None
+    if probe_before is None and recipe.eval.forgetting:
+        from tuneforge.evaluate.forgetting import run_probe
+
+        probe_before = run_probe(model, tokenizer)
+        run.write_json("eval/forgetting.json", {"before": probe_before})
+        console.print(f"[bold]general probe[/] (base): {probe_before['accuracy']:.1f}% of {probe_before['n']} items")
 
     model = apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
     console.print(describe_trainable(model))
@@ -132,8 +162,15 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     build = get_method(recipe.method)
     eval_dataset = to_dataset(data.eval) if data.eval else None
     numerical, interrupt = NumericalGuard(), InterruptGuard()
-    trainer = build(recipe, model, tokenizer, to_dataset(data.train), eval_dataset, run, device,
-                    [ProgressCallback(run, console), numerical, interrupt])
+    callbacks = [ProgressCallback(run, console), numerical, interrupt]
+    plateau = None
+    if recipe.train.early_stopping is not None:
+        from tuneforge.evaluate.early_stopping import PlateauStopping
+
+        rule = recipe.train.early_stopping
+        plateau = PlateauStopping(patience=rule.patience, min_delta=rule.min_delta, metric=rule.metric)
+        callbacks.append(plateau)
+    trainer = build(recipe, model, tokenizer, to_dataset(data.train), eval_dataset, run, device, callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
     if checkpoint is None:
         base_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
@@ -158,35 +195,50 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     model.generation_config.save_pretrained(str(weights))
     tuned_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
 
+    if tuned_loss is not None:
+        run.append_metrics({"step": trainer.state.global_step, "eval_loss": tuned_loss, "final": True})
+    if plateau is not None:
+        run.write_json("eval/early_stopping.json", plateau.summary(run.file("checkpoints")))
+
     tuned = None
-    if recipe.method == "sft" and data.eval_examples:
-        tuned = score_model(trainer.model, tokenizer, data.eval_examples, recipe, console, label="tuned model")
+    if scored:
+        tuned = score_model(trainer.model, tokenizer, data.eval_examples, recipe, metric_specs, console, label="tuned model")
         run.write_json("eval/tuned.json", tuned)
+    forgetting = None
+    if probe_before is not None:
+        from tuneforge.evaluate.forgetting import compare, run_probe
+
+        probe_after = run_probe(trainer.model, tokenizer)
+        forgetting = compare(probe_before, probe_after, threshold=recipe.eval.forgetting_threshold)
+        run.write_json("eval/forgetting.json", {"before": probe_before, "after": probe_after, "comparison": forgetting})
 
     summary = {
         "train_seconds": round(train_seconds, 1),
         "steps": trainer.state.global_step,
         "eval_loss": {"base": base_loss, "tuned": tuned_loss},
-        "metrics": {
-            name: {"base": baseline["metrics"][name] if baseline else None, "tuned": tuned["metrics"][name]}
-            for name in (tuned["metrics"] if tuned else {})
-        },
+        "metrics": baseline_table({"base": baseline, "few_shot": few_shot, "tuned": tuned}),
+        "forgetting": forgetting and {"flagged": forgetting["flagged"], "message": forgetting["message"],
+                                      **{k: v for k, v in forgetting["scores"].items()}},
         "n_eval": tuned["n"] if tuned else 0,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
     run.write_json("summary.json", summary)
     run.set_status("completed", finished=time.time())
+    from tuneforge.report import write_report
+
+    report = write_report(run.path)
     print_summary(console, run, summary)
+    console.print(f"report: {report}")
     return run
 
 
-def score_model(model, tokenizer, examples, recipe, console, *, label: str) -> dict:
+def score_model(model, tokenizer, examples, recipe, metric_specs, console, *, label: str) -> dict:
     from rich.progress import Progress
 
     from tuneforge.evaluate.scoring import evaluate_generation
 
     with Progress(console=console, transient=True) as progress:
-        result = evaluate_generation(model, tokenizer, examples, metrics=list(recipe.eval.metrics),
+        result = evaluate_generation(model, tokenizer, examples, metrics=metric_specs,
                                      max_examples=recipe.eval.max_examples, max_new_tokens=recipe.eval.max_new_tokens,
                                      batch_size=recipe.eval.batch_size, progress=progress, label=label)
     shown = ", ".join(f"{k} {v:.1f}" for k, v in result["metrics"].items())
@@ -207,17 +259,27 @@ def print_data_summary(console, stats) -> None:
 def print_summary(console, run: RunDir, summary: dict) -> None:
     from rich.table import Table
 
+    def cell(value, digits=1):
+        return "-" if value is None else f"{value:.{digits}f}"
+
     table = Table(title=f"{run.path.name}: held-out results ({summary['n_eval']} examples)")
-    for column in ("", "base", "tuned", "change"):
+    for column in ("", "base", "base few-shot", "tuned", "tuned - base"):
         table.add_column(column, justify="right")
     for name, values in summary["metrics"].items():
-        base, tuned = values["base"], values["tuned"]
-        delta = f"{tuned - base:+.1f}" if base is not None else ""
-        table.add_row(name, f"{base:.1f}" if base is not None else "-", f"{tuned:.1f}", delta)
+        base, few, tuned = values.get("base"), values.get("few_shot"), values.get("tuned")
+        delta = f"{tuned - base:+.1f}" if base is not None and tuned is not None else ""
+        table.add_row(name, cell(base), cell(few), cell(tuned), delta)
     losses = summary["eval_loss"]
     if losses["tuned"] is not None:
         base = losses["base"]
-        table.add_row("eval loss", f"{base:.4f}" if base is not None else "-", f"{losses['tuned']:.4f}",
+        table.add_row("eval loss", cell(base, 4), "", cell(losses["tuned"], 4),
                       f"{losses['tuned'] - base:+.4f}" if base is not None else "")
+    forgetting = summary.get("forgetting")
+    if forgetting:
+        acc = forgetting.get("accuracy", {})
+        table.add_row("general probe %", cell(acc.get("before")), "", cell(acc.get("after")),
+                      f"{acc.get('delta', 0):+.1f}" + (" [red]FLAG[/]" if forgetting["flagged"] else ""))
     console.print(table)
+    if forgetting and forgetting["flagged"]:
+        console.print(f"[bold red]forgetting:[/] {forgetting['message']}")
     console.print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s; run directory: {run.path}")
