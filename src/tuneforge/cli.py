@@ -202,6 +202,26 @@ def merge(
     console.print(f"merged model written to {target}")
 
 
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories."),
+    output: Path = typer.Option(Path("comparison.html"), help="Comparison page (with several runs)."),
+):
+    """(Re)write each run's report.html and plots; with several runs, print and write a side-by-side comparison."""
+    from tuneforge.report import compare_runs, write_comparison, write_report
+    from tuneforge.run import RunDir
+
+    for run_dir in run_dirs:
+        if not (run_dir / "recipe.yaml").exists():
+            from tuneforge.errors import RunDirError
+
+            raise RunDirError(f"{run_dir} is not a tuneforge run directory (no recipe.yaml)")
+        console.print(f"{RunDir(run_dir).status:>10}  {write_report(run_dir)}")
+    if len(run_dirs) > 1:
+        console.print(compare_runs(run_dirs))
+        console.print(f"comparison: {write_comparison(run_dirs, output)}")
+
+
 @data_app.command("preview")
 def data_preview(
     source: Path = typer.Argument(..., help="A recipe (.yaml) or a data file."),

@@ -130,7 +130,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
 
     contamination = contamination_report(data.train_examples, data.eval_examples)
     run.write_json("eval/contamination.json", contamination)
-    console.print(f"[bold]contamination[/] {describe(contamination)}")
+    console.print(describe(contamination))
 
     # Before training: the base model zero-shot and with a few-shot prompt (the prompt-only baseline), and the
     # general-ability probe. Also a dry run of generation before any GPU hour is spent on training.

@@ -18,6 +18,16 @@ def warmup_fields(warmup: float) -> dict:
     return {"warmup_steps": warmup if warmup < 1 else int(warmup)}
 
 
+def checkpointing_field(enabled: bool) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
 def common_arguments(recipe, run, device: str) -> dict:
     t = recipe.train
     has_eval = bool(t.eval_every)
@@ -35,7 +45,7 @@ def common_arguments(recipe, run, device: str) -> dict:
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **checkpointing_field(t.gradient_checkpointing),
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
