@@ -28,20 +28,63 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     resume: Optional[Path] = typer.Option(None, help="Continue this unfinished run from its last checkpoint."),
     no_doctor: bool = typer.Option(False, "--no-doctor", help="Skip the preflight checks (not recommended)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Train on N GPUs of this machine (accelerate "
+                                       "launch; strategy from the recipe's distributed: section)."),
+    cpu_processes: Optional[int] = typer.Option(None, "--cpu-processes", min=1, help="Train on N CPU processes "
+                                                "(gloo): the multi-GPU path, testable without GPUs."),
+    print_launch: bool = typer.Option(False, "--print-launch", help="With --gpus/--cpu-processes: print the "
+                                      "accelerate launch / torchrun command (for clusters, SLURM) and exit."),
 ):
     """Train as the recipe says; writes a run directory and ends with base-vs-tuned scores."""
     from tuneforge.errors import RecipeError
     from tuneforge.recipe import load_recipe
+
+    if resume is not None and (recipe is not None or set_):
+        raise RecipeError(["--resume continues a run with its saved recipe; do not pass a recipe or --set"])
+    if resume is None and recipe is None:
+        raise RecipeError(["train needs a recipe file (or --resume RUN_DIR)"])
+    if gpus is not None or cpu_processes is not None:
+        _launch_train(recipe, set_, output, overwrite, resume, no_doctor, gpus, cpu_processes, print_launch)
+        return
+    if print_launch:
+        raise RecipeError(["--print-launch: say how many processes, with --gpus N (or --cpu-processes N)"])
+
+    from tuneforge.distributed import is_launched, is_main_process
     from tuneforge.train import train as run_train
 
+    out = console
+    if is_launched() and not is_main_process():
+        out = Console(quiet=True)  # only rank 0 talks; the others' errors still reach the launcher
+        overwrite = True  # rank 0 checks the run directory; the others never delete (RunDir.create waits for it)
     if resume is not None:
-        if recipe is not None or set_:
-            raise RecipeError(["--resume continues a run with its saved recipe; do not pass a recipe or --set"])
-        run_train(load_recipe(resume / "recipe.yaml"), output=str(resume), resume=True, console=console)
+        run_train(load_recipe(resume / "recipe.yaml"), output=str(resume), resume=True, console=out)
         return
-    if recipe is None:
-        raise RecipeError(["train needs a recipe file (or --resume RUN_DIR)"])
-    run_train(load_recipe(recipe, set_), output=output, overwrite=overwrite, console=console, doctor=not no_doctor)
+    run_train(load_recipe(recipe, set_), output=output, overwrite=overwrite, console=out, doctor=not no_doctor)
+
+
+def _launch_train(recipe, set_, output, overwrite, resume, no_doctor, gpus, cpu_processes, print_launch) -> None:
+    """--gpus N / --cpu-processes N: start N ranks of this same command through accelerate launch."""
+    from tuneforge.distributed import LaunchFailed, launch
+    from tuneforge.errors import RecipeError
+    from tuneforge.recipe import load_recipe
+
+    if gpus is not None and cpu_processes is not None:
+        raise RecipeError(["--gpus and --cpu-processes: choose one"])
+    if gpus is not None:
+        import torch
+
+        if not torch.cuda.is_available() and not print_launch:
+            raise RecipeError([f"--gpus {gpus}: this machine has no CUDA GPU; to try the multi-process path on CPU "
+                               f"use --cpu-processes {gpus}"])
+    loaded = load_recipe(resume / "recipe.yaml") if resume is not None else load_recipe(recipe, set_)
+    try:
+        launch(loaded, recipe_path=str(recipe) if recipe is not None else None, processes=gpus or cpu_processes,
+               device="cuda" if gpus is not None else "cpu", overrides=list(set_), output=output, overwrite=overwrite,
+               resume=str(resume) if resume is not None else None, no_doctor=no_doctor, print_only=print_launch,
+               console=console)
+    except LaunchFailed as exc:
+        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        raise typer.Exit(exc.exit_code)
 
 
 @app.command()
@@ -246,14 +289,21 @@ def data_preview(
 
 
 def main() -> None:
+    from tuneforge.distributed import is_launched, rank, record_rank_error
+
+    where = f"[rank {rank()}] " if is_launched() else ""
     try:
         app()
     except TuneforgeError as exc:
-        err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
+        record_rank_error(exc)
+        err_console.print(f"{where}[bold red]error:[/] {exc.render()}", highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
+    except Exception as exc:  # a bug, or a library error: its traceback follows; the launcher names the rank
+        record_rank_error(exc)
+        raise
 
 
 if __name__ == "__main__":

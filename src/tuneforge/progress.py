@@ -55,6 +55,11 @@ class ProgressCallback(TrainerCallback):
             info = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  {row.get('tokens_per_s', 0):,.0f} tok/s"
             self.progress.update(self.task, info=info)
 
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        from tuneforge.distributed import allow_training_wrap_after_evaluate
+
+        allow_training_wrap_after_evaluate(model, state)
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step)

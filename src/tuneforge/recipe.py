@@ -153,6 +153,25 @@ class EvalSection(_Section):
     baseline: bool = Field(True, description="Also score the base model, so every run is compared against it.")
 
 
+class DistributedSection(_Section):
+    """Several GPUs (`tuneforge train --gpus N`); distributed.py maps this onto TrainingArguments."""
+
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="auto = DDP when the model fits one GPU (guide/plan.py), FSDP full-shard when it does not."
+    )
+    sharding: Literal["auto", "full", "grad_op", "hybrid"] = Field(
+        "auto", description="fsdp/deepspeed: full (FSDP full-shard / ZeRO-3), grad_op (shard grads + optimizer / "
+        "ZeRO-2), hybrid (FSDP: shard within a node, replicate across nodes); auto = full."
+    )
+    cpu_offload: bool = Field(False, description="fsdp/deepspeed: keep parameters and optimizer state in CPU memory.")
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward (FSDP's own under fsdp); None = train.gradient_checkpointing."
+    )
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="Compute dtype under several processes; auto = train.precision."
+    )
+
+
 class Recipe(_Section):
     name: str = Field(..., min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
     model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
@@ -162,6 +181,7 @@ class Recipe(_Section):
     quant: QuantSection = Field(default_factory=QuantSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection, description="Several GPUs (--gpus N).")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
 
     @field_validator("model", mode="before")

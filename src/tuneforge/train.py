@@ -191,8 +191,9 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
 
     weights = run.file("adapter" if recipe.uses_lora else "model")
     trainer.save_model(str(weights))
-    tokenizer.save_pretrained(str(weights))
-    model.generation_config.save_pretrained(str(weights))
+    if run.is_main:  # under several processes only rank 0 writes (trainer.save_model already does so)
+        tokenizer.save_pretrained(str(weights))
+        model.generation_config.save_pretrained(str(weights))
     tuned_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
 
     if tuned_loss is not None:
@@ -226,6 +227,8 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     run.set_status("completed", finished=time.time())
     from tuneforge.report import write_report
 
+    if not run.is_main:
+        return run
     report = write_report(run.path)
     print_summary(console, run, summary)
     console.print(f"report: {report}")

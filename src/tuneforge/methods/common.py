@@ -31,7 +31,7 @@ def checkpointing_field(enabled: bool) -> dict:
 def common_arguments(recipe, run, device: str) -> dict:
     t = recipe.train
     has_eval = bool(t.eval_every)
-    return dict(
+    args = dict(
         output_dir=str(run.file("checkpoints")),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -62,3 +62,7 @@ def common_arguments(recipe, run, device: str) -> dict:
         remove_unused_columns=True,
         **precision_flags(recipe, device),
     )
+    from tuneforge.distributed import training_arguments
+
+    args.update(training_arguments(recipe, device))  # recipe.distributed under accelerate launch; {} otherwise
+    return args
