@@ -124,6 +124,11 @@ def check_distributed(recipe, *, strategy: str, device: str, processes: int | No
             if value != default:
                 problems.append(f"`distributed.{key}`: only applies to fsdp or deepspeed (strategy is ddp: every GPU "
                                 f"holds the whole model); remove it or set distributed.strategy: fsdp")
+    if strategy == "fsdp" and device != "cuda":
+        # accelerate (1.15) selects FSDP only over GPU process groups; a CPU (MULTI_CPU) run would silently train
+        # plain DDP instead, so it is refused here.
+        problems.append("`distributed.strategy`: fsdp needs CUDA GPUs (accelerate runs FSDP only on GPU process "
+                        "groups; on CPU it would silently fall back to DDP); on CPU use ddp")
     if strategy == "fsdp" and d.sharding == "hybrid" and nodes < 2:
         problems.append("`distributed.sharding`: hybrid shards within a node and replicates across nodes, so it "
                         "needs several machines; on one machine use full")
