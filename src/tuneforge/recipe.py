@@ -23,6 +23,9 @@ DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "none": 2e-5}
 # Documented ranges; outside them `doctor` warns (seed 000 step 3 table, step 6 for DPO).
 LR_RANGE = {"lora": (1e-5, 1e-3), "qlora": (1e-5, 1e-3), "full": (1e-6, 1e-4), "none": (1e-6, 1e-4)}
 # QLoRA pages optimizer state to CPU under pressure (seed 000 step 5); plain AdamW otherwise.
+# Preference methods (seed 000 step 6): far lower than SFT; 5e-7 full, 5e-6 with LoRA (10x, as LoRA's own default is).
+DEFAULT_PREFERENCE_LR = {"lora": 5e-6, "qlora": 5e-6, "full": 5e-7, "none": 5e-7}
+PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo", "cpo")
 DEFAULT_OPTIMIZER = {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "adamw_torch", "none": "adamw_torch"}
 
 
@@ -52,13 +55,23 @@ class ModelSection(_Section):
     chat_template: str | None = Field(
         None, description="Jinja chat template (text or path to a .jinja file) for a model that has none."
     )
+    adapter: str | None = Field(
+        None, description="Start from a trained LoRA adapter: an adapter folder or a tuneforge run directory (its "
+        "adapter/). E.g. the SFT run before DPO. How it is used: `model.adapter_mode`."
+    )
+    adapter_mode: Literal["continue", "merge"] = Field(
+        "continue", description="continue = keep training that same adapter (seed 000 step 12; the adapter as loaded "
+        "is the reference) | merge = merge it into the base weights and train a fresh adapter (adapter.*) on top."
+    )
 
 
 class DataSection(_Section):
     train: str = Field(..., description="Training data: .jsonl/.json/.csv/.parquet file, or a hub dataset name.")
     eval: str | None = Field(None, description="Held-out data; when absent, `eval_fraction` is split off by hash.")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="Record format; auto detects it from the keys and says what it found."
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto"] = Field(
+        "auto", description="Record format; auto detects it from the keys and says what it found. preference = "
+        "prompt/chosen/rejected (strings or message lists, or UltraFeedback-style full conversations); kto = "
+        "prompt/completion/label."
     )
     eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share held out when no eval set is given (seed 000: 5-10%).")
     dedup: bool = Field(True, description="Drop exact duplicate examples (counted and reported).")
@@ -153,6 +166,31 @@ class EvalSection(_Section):
     baseline: bool = Field(True, description="Also score the base model, so every run is compared against it.")
 
 
+class PreferenceSection(_Section):
+    """Preference methods (dpo, kto, orpo, simpo, cpo); read by methods/preference.py."""
+
+    beta: float = Field(0.1, gt=0, description="KL strength to the reference (seed 000 step 6: 0.01-0.5, try 0.1). "
+                        "For ipo it is the regulariser tau; for orpo the odds-ratio weight lambda.")
+    loss_type: str = Field(
+        "sigmoid", description="dpo: sigmoid (DPO) | ipo | hinge | robust | exo_pair | nca_pair | bco_pair | sppo_hard | "
+        "aot | aot_unpaired | apo_zero | apo_down | discopop | sigmoid_norm (TRL's list). cpo: sigmoid | hinge | ipo. "
+        "simpo is always simpo; kto: kto | apo_zero_unpaired.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Probability a label is flipped (robust DPO, cDPO); "
+                                   "0.1 is typical for noisy labels.")
+    ref: Literal["auto", "peft", "copy", "precomputed"] = Field(
+        "auto", description="Reference model: peft = the policy with its adapter as loaded (a fresh adapter disabled), "
+        "no second model in memory | copy = a separate frozen copy | precomputed = reference log-probs computed once "
+        "before training, then no reference in memory. auto = peft with LoRA, copy for full fine-tuning.")
+    max_prompt_length: int | None = Field(None, gt=0, description="Prompt tokens kept (the end of long prompts); "
+                                          "None = half of train.max_length (seed 000 step 6).")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin.")
+    cpo_alpha: float = Field(1.0, ge=0, description="cpo: weight of the NLL term on chosen answers (simpo sets 0).")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable examples' losses.")
+    eval_pairs: int | None = Field(200, gt=0, description="Held-out pairs scored for preference accuracy before and "
+                                   "after training (None: all).")
+
+
 class DistributedSection(_Section):
     """Several GPUs (`tuneforge train --gpus N`); distributed.py maps this onto TrainingArguments."""
 
@@ -175,13 +213,20 @@ class DistributedSection(_Section):
 class Recipe(_Section):
     name: str = Field(..., min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
     model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
-    method: Literal["sft", "cpt"] = Field("sft", description="sft (loss on answers) | cpt (continued pre-training on text).")
+    method: Literal["sft", "cpt", "dpo", "kto", "orpo", "simpo", "cpo"] = Field(
+        "sft", description="sft (loss on answers) | cpt (continued pre-training on text) | dpo | kto (unpaired) | "
+        "orpo (SFT + odds ratio, no reference) | simpo (reference-free, length-normalised) | cpo.")
     data: DataSection
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     quant: QuantSection = Field(default_factory=QuantSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Several GPUs (--gpus N).")
+    preference: PreferenceSection = Field(default_factory=PreferenceSection, description="dpo/kto/orpo/simpo/cpo settings.")
+    stages: list[dict] | None = Field(
+        None, description="Run several stages in order, each a partial recipe over this one, e.g. [{name: sft, method: "
+        "sft}, {name: dpo, method: dpo, data: {train: prefs.jsonl}}]; each stage starts from the last stage's adapter "
+        "(model.adapter) and gets its own run directory <run>/<stage name>.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
 
     @field_validator("model", mode="before")
@@ -200,19 +245,79 @@ class Recipe(_Section):
     def resolve_defaults(self) -> Recipe:
         """Fill the defaults that depend on other keys, so the saved recipe shows what actually ran."""
         if self.train.lr is None:
-            self.train.lr = DEFAULT_LR[self.adapter.type]
+            table = DEFAULT_PREFERENCE_LR if self.method in PREFERENCE_METHODS else DEFAULT_LR
+            self.train.lr = table[self.adapter.type]
         if self.train.optimizer is None:
             self.train.optimizer = DEFAULT_OPTIMIZER[self.adapter.type]
         if self.train.early_stopping is not None and not self.train.eval_every:
             raise KeyedValueError("train.early_stopping", "needs train.eval_every (how often the held-out loss is measured)")
+        if self.model.adapter and self.model.adapter_mode == "continue" and not self.uses_lora:
+            raise KeyedValueError("model.adapter_mode", f"continue trains the loaded LoRA adapter, so adapter.type must "
+                                                        f"be lora or qlora (got {self.adapter.type}); use adapter_mode: "
+                                                        f"merge to fine-tune the merged model fully")
         if self.method == "cpt" and self.data.format not in ("auto", "text"):
             raise KeyedValueError("data.format", f"method cpt trains on plain text; data.format must be text or auto "
                                                  f"(got {self.data.format!r})")
         return self
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_stages(cls, data: Any, handler) -> Recipe:
+        """Each stage is validated as the recipe it will run (this recipe's keys as written, the stage's on top), so
+        a bad stage fails before the first stage trains; the keys as written are kept to build the stages from."""
+        recipe = handler(data)
+        if isinstance(data, dict) and data.get("stages"):
+            base = {k: v for k, v in data.items() if k != "stages"}
+            recipe._stage_base = base  # type: ignore[attr-defined]
+            names = set()
+            for i, stage in enumerate(data["stages"]):
+                if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage["name"]:
+                    raise KeyedValueError(f"stages.{i}", "each stage is a mapping with a `name` (its run folder) and the "
+                                                         "keys it changes, e.g. {name: dpo, method: dpo}")
+                if stage["name"] in names:
+                    raise KeyedValueError(f"stages.{i}.name", f"stage name {stage['name']!r} is used twice")
+                names.add(stage["name"])
+                if "stages" in stage or "output_dir" in stage:
+                    raise KeyedValueError(f"stages.{i}", "a stage cannot set stages or output_dir")
+                try:
+                    cls.model_validate(merge_stage(base, stage))
+                except ValidationError as exc:
+                    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+                    raise KeyedValueError(f"stages.{i}", f"stage {stage['name']!r}: {problems}") from None
+        return recipe
+
+    def stage_recipes(self) -> list[Recipe]:
+        """The recipes of a multi-stage run, in order (model.adapter of each later stage is set when it starts)."""
+        base = getattr(self, "_stage_base", None) or {k: v for k, v in self.model_dump(mode="json").items() if k != "stages"}
+        out = []
+        for stage in self.stages or []:
+            recipe = Recipe.model_validate(merge_stage(base, stage))
+            for attr in ("_source_dir", "_source_path"):
+                if hasattr(self, attr):
+                    setattr(recipe, attr, getattr(self, attr))
+            out.append(recipe)
+        return out
+
     @property
     def uses_lora(self) -> bool:
         return self.adapter.type in ("lora", "qlora")
+
+
+def merge_stage(base: dict, stage: dict) -> dict:
+    """A stage's recipe: the parent's keys as written, the stage's on top (sections merged key by key)."""
+    import copy
+
+    merged = copy.deepcopy(base)
+    if isinstance(merged.get("model"), str):
+        merged["model"] = {"name": merged["model"]}
+    for key, value in stage.items():
+        if key == "model" and isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **copy.deepcopy(value)}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     from rich.console import Console
 
     console = console or Console()
+    if recipe.stages:  # multi-stage: each stage is a run of its own under this run directory
+        from tuneforge.methods.stages import train_stages
+
+        return train_stages(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
     path = run_path_for(recipe, output)
     checkpoint = None
     if resume:
@@ -125,6 +129,11 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     model = load_base_model(recipe.model, quant=recipe.quant if recipe.adapter.type == "qlora" else None, device=device)
     eos_ids = align_eos(tokenizer, model)
     console.print(f"generation stops at token ids {eos_ids} ({tokenizer.convert_ids_to_tokens(eos_ids)})")
+    from tuneforge.data.preference import PREFERENCE_METHODS
+    from tuneforge.methods.common import load_start_adapter
+
+    model, adapter_loaded = load_start_adapter(model, recipe, console)  # model.adapter: e.g. the SFT stage's adapter
+    preference = recipe.method in PREFERENCE_METHODS  # data.eval_examples: prompt + chosen answer, for eval.metrics
 
     from tuneforge.evaluate.contamination import contamination_report, describe
 
@@ -134,13 +143,13 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
 
     # Before training: the base model zero-shot and with a few-shot prompt (the prompt-only baseline), and the
     # general-ability probe. Also a dry run of generation before any GPU hour is spent on training.
-    scored = recipe.method == "sft" and bool(data.eval_examples)
+    scored = recipe.method in ("sft",) + tuple(PREFERENCE_METHODS) and bool(data.eval_examples)
     baseline = run.read_json("eval/baseline.json") if checkpoint is not None else None
     if baseline is None and recipe.eval.baseline and scored:
         baseline = score_model(model, tokenizer, data.eval_examples, recipe, metric_specs, console, label="base model")
         run.write_json("eval/baseline.json", baseline)
     few_shot = run.read_json("eval/few_shot.json") if checkpoint is not None else None
-    if few_shot is None and recipe.eval.baseline and scored and recipe.eval.few_shot:
+    if few_shot is None and recipe.eval.baseline and scored and recipe.eval.few_shot and not preference:
         from tuneforge.evaluate.baselines import few_shot_examples
 
         shots = few_shot_examples(data.eval_examples, data.train_examples, k=recipe.eval.few_shot, seed=recipe.train.seed,
@@ -156,11 +165,23 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         run.write_json("eval/forgetting.json", {"before": probe_before})
         console.print(f"[bold]general probe[/] (base): {probe_before['accuracy']:.1f}% of {probe_before['n']} items")
 
-    model = apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    if not adapter_loaded:
+        model = apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
     console.print(describe_trainable(model))
 
     build = get_method(recipe.method)
     eval_dataset = to_dataset(data.eval) if data.eval else None
+    train_dataset = to_dataset(data.train)
+    preference_start = None
+    if preference:
+        from tuneforge.methods.preference import answer_logps, preference_accuracy, preference_datasets
+
+        train_dataset, eval_dataset = preference_datasets(recipe, data)
+        held_out = data.accuracy_pairs[: recipe.preference.eval_pairs or None]
+        preference_start = answer_logps(model, tokenizer, held_out)  # the model at the start = the reference
+        accuracy = preference_accuracy(preference_start, preference_start, recipe.preference.beta)
+        console.print(f"[bold]preference accuracy[/] (start) on {accuracy['n']} held-out pairs: "
+                      f"{accuracy['reference_free']:.1f}% (mean log-prob of chosen > rejected)")
     numerical, interrupt = NumericalGuard(), InterruptGuard()
     callbacks = [ProgressCallback(run, console), numerical, interrupt]
     plateau = None
@@ -170,7 +191,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         rule = recipe.train.early_stopping
         plateau = PlateauStopping(patience=rule.patience, min_delta=rule.min_delta, metric=rule.metric)
         callbacks.append(plateau)
-    trainer = build(recipe, model, tokenizer, to_dataset(data.train), eval_dataset, run, device, callbacks)
+    trainer = build(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
     if checkpoint is None:
         base_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
@@ -189,6 +210,18 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
                       f"Continue with: tuneforge train --resume {run.path}")
         return run
 
+    preference_result = None
+    if preference:
+        from tuneforge.methods.preference import drop_reference_adapter
+
+        drop_reference_adapter(trainer.model)
+        after = preference_accuracy(answer_logps(trainer.model, tokenizer, held_out), preference_start,
+                                    recipe.preference.beta)
+        preference_result = {"before": preference_accuracy(preference_start, preference_start, recipe.preference.beta),
+                             "after": after}
+        run.write_json("eval/preference.json", preference_result)
+        console.print(f"[bold]preference accuracy[/] (tuned) on {after['n']} held-out pairs: {after['reference_free']:.1f}% "
+                      f"reference-free, {after['implicit_reward']:.1f}% implicit reward vs the start model")
     weights = run.file("adapter" if recipe.uses_lora else "model")
     trainer.save_model(str(weights))
     if run.is_main:  # under several processes only rank 0 writes (trainer.save_model already does so)
@@ -221,6 +254,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         "forgetting": forgetting and {"flagged": forgetting["flagged"], "message": forgetting["message"],
                                       **{k: v for k, v in forgetting["scores"].items()}},
         "n_eval": tuned["n"] if tuned else 0,
+        "preference": preference_result,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
     run.write_json("summary.json", summary)

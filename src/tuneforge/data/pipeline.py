@@ -114,6 +114,10 @@ def prepare_data(recipe, tokenizer, *, resolve=None) -> PreparedData:
 
     data = recipe.data
     resolve = resolve or (lambda value: resolve_path(recipe, value))
+    from tuneforge.data.preference import PREFERENCE_METHODS, prepare_preference_data
+
+    if recipe.method in PREFERENCE_METHODS:
+        return prepare_preference_data(recipe, tokenizer, resolve)
     fmt = "text" if recipe.method == "cpt" and data.format == "auto" else data.format
     train_examples, detected = load_examples(resolve(data.train), fmt, split=data.split, limit=data.max_examples,
                                              system_prompt=data.system_prompt)

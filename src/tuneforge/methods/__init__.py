@@ -8,7 +8,8 @@ import importlib
 _REGISTRY: dict[str, object] = {}
 
 # method name -> module that defines it (several names may share a module)
-MODULES = {"sft": "sft", "cpt": "sft"}
+MODULES = {"sft": "sft", "cpt": "sft", "dpo": "preference", "kto": "preference", "orpo": "preference",
+           "simpo": "preference", "cpo": "preference"}
 
 
 def register(name: str):

@@ -66,3 +66,41 @@ def common_arguments(recipe, run, device: str) -> dict:
 
     args.update(training_arguments(recipe, device))  # recipe.distributed under accelerate launch; {} otherwise
     return args
+
+
+def adapter_folder(value: str):
+    """model.adapter -> the adapter folder: the folder itself, or a tuneforge run directory's adapter/."""
+    from pathlib import Path
+
+    from tuneforge.errors import RecipeError
+
+    path = Path(value)
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    if (path / "model" / "config.json").is_file():
+        raise RecipeError([f"`model.adapter`: {value} is a full fine-tuning run (model/, no adapter); start from it "
+                           f"with model.name: {path / 'model'} instead"])
+    raise RecipeError([f"`model.adapter`: {value} holds no LoRA adapter (no adapter_config.json there or in adapter/)"])
+
+
+def load_start_adapter(model, recipe, console=None):
+    """recipe.model.adapter -> (model, wrapped). continue: the saved adapter, trainable (seed 000 step 12: DPO keeps
+    updating the SFT adapter), wrapped=True so no fresh adapter is added. merge: the adapter merged into the base
+    weights, wrapped=False so recipe.adapter then adds a fresh one (or full fine-tuning trains the merged model)."""
+    if not recipe.model.adapter:
+        return model, False
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    folder = adapter_folder(recipe.model.adapter)
+    if recipe.model.adapter_mode == "continue":
+        if recipe.adapter.type == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        if console is not None:
+            console.print(f"[bold]adapter[/] continuing {folder} (trainable)")
+        return model, True
+    model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    if console is not None:
+        console.print(f"[bold]adapter[/] merged {folder} into the base weights; training a fresh adapter on top")
+    return model, False
