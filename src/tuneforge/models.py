@@ -138,6 +138,11 @@ def _hub_error(name: str, exc: Exception) -> ModelError:
     )
 
 
+def local_rank() -> int:
+    """This process's GPU under a launcher (accelerate/torchrun set LOCAL_RANK); 0 when run alone."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def pick_device() -> str:
     import torch
 
@@ -174,8 +179,9 @@ def load_tokenizer(name: str, *, chat_template: str | None = None, trust_remote_
 
 def quantization_config(quant, compute_dtype):
     """recipe.quant -> a bitsandbytes config (seed 000 step 5: NF4, double quant, bf16 compute on GPU)."""
-    import torch
     from transformers import BitsAndBytesConfig
+
+    from tuneforge.distributed import quant_storage_dtype
 
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -184,7 +190,7 @@ def quantization_config(quant, compute_dtype):
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant_storage_dtype(compute_dtype),  # compute dtype when FSDP/ZeRO-3 shard it
     )
 
 
@@ -205,7 +211,7 @@ def load_base_model(model_section, *, quant=None, device: str | None = None, dty
     if quant is not None:
         compute = resolve_dtype(quant.compute_dtype, device) if quant.compute_dtype != "auto" else dtype
         kwargs["quantization_config"] = quantization_config(quant, compute)
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": local_rank()} if device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -218,7 +224,7 @@ def load_base_model(model_section, *, quant=None, device: str | None = None, dty
             raise ModelError(f"could not load model from {source}: {exc}", where="model.name") from None
         raise _hub_error(model_section.name, exc) from None
     if quant is None and device != "cpu":
-        model.to(device)
+        model.to(f"cuda:{local_rank()}" if device == "cuda" else device)
     if quant is not None and device == "cpu":
         from tuneforge.library_fixes import keep_bnb_cpu_weights_trainable
 
