@@ -185,3 +185,65 @@ def test_evaluate_generation_keeps_question_and_per_example_scores(tiny):
     first = result["samples"][0]
     assert first["question"] == "What is 2+2?" and first["reference"] == "4"
     assert set(first["scores"]) == {"exact_match", "regex"} and first["scores"]["exact_match"] in (0.0, 1.0)
+
+
+# -- lm-evaluation-harness tasks (eval.lm_eval_tasks) ---------------------------------------------------------------
+
+
+def _local_lm_eval_task(folder, items) -> str:
+    """A multiple-choice lm-eval task on a local JSONL file (offline), in `folder`."""
+    data = folder / "items.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
+    (folder / "tf_local_mc.yaml").write_text(
+        "task: tf_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "metric_list:\n  - metric: acc\n", encoding="utf-8")
+    return "tf_local_mc"
+
+
+def test_lm_eval_task_scores_like_a_direct_log_likelihood_count(tiny, tmp_path):
+    """The wiring (in-memory model, tokenizer, limit) is right when lm-eval's accuracy equals the same choice made by
+    hand: the option whose ' choice' continuation has the highest summed log-probability after the question."""
+    import torch
+
+    from tuneforge.evaluate.lm_eval_tasks import check_tasks, run_tasks
+    from tuneforge.recipe import parse_recipe
+
+    model, tokenizer = tiny
+    items = [{"question": i["question"], "choices": i["choices"], "answer": i["answer"]} for i in load_probe_items()[:12]]
+    task = _local_lm_eval_task(tmp_path, items)
+    recipe = parse_recipe({"name": "t", "data": {"train": "x.jsonl"},
+                           "eval": {"lm_eval_tasks": [task], "lm_eval_include": str(tmp_path), "lm_eval_limit": 10}})
+    scores = run_tasks(model, tokenizer, recipe, check_tasks(recipe))
+
+    def logp(context, continuation):
+        whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        n = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits.log_softmax(-1)[0]
+        return sum(logits[i - 1, whole[i]].item() for i in range(n, len(whole)))
+
+    right = 0
+    for item in items[:10]:
+        context = f"Question: {item['question']}\nAnswer:"
+        options = [logp(context, " " + choice) for choice in item["choices"]]
+        right += max(range(len(options)), key=options.__getitem__) == item["answer"]
+    assert scores == {task: {"metric": "acc", "score": pytest.approx(100.0 * right / 10)}}
+    assert model.training is False  # eval mode kept
+
+
+def test_lm_eval_scores_join_the_forgetting_comparison_and_unknown_tasks_are_named():
+    from tuneforge.errors import RecipeError
+    from tuneforge.evaluate.lm_eval_tasks import check_tasks, main_score
+    from tuneforge.recipe import parse_recipe
+
+    before = {"accuracy": 50.0, "lm_eval": {"arc_easy": {"metric": "acc_norm", "score": 60.0}}}
+    after = {"accuracy": 49.0, "lm_eval": {"arc_easy": {"metric": "acc_norm", "score": 51.0}}}
+    result = compare(before, after, threshold=5)
+    assert result["scores"]["lm_eval:arc_easy"] == {"before": 60.0, "after": 51.0, "delta": -9.0, "flagged": True}
+    assert result["flagged"] and "lm_eval:arc_easy fell 9.0 points" in result["message"]
+    assert main_score({"alias": "x", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.75}) == ("acc_norm", 75.0)
+    recipe = parse_recipe({"name": "t", "data": {"train": "x.jsonl"}, "eval": {"lm_eval_tasks": ["arc_easyy"]}})
+    with pytest.raises(RecipeError, match=r"eval.lm_eval_tasks.0.*no task 'arc_easyy'.*did you mean.*arc_easy"):
+        check_tasks(recipe)

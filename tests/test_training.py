@@ -41,6 +41,15 @@ def test_lora_run_directory_and_trainable_count(tmp_path, tiny_model_dir, small_
     forgetting = run.read_json("eval/forgetting.json")
     assert forgetting["before"]["n"] == forgetting["after"]["n"] > 0 and "flagged" in forgetting["comparison"]
     assert (run.path / "report.html").exists() and list((run.path / "plots").glob("*.png"))
+    # TensorBoard by default, into the run directory, with the same losses metrics.jsonl has
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((run.path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file in <run>/tensorboard"
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    logged = [event.value for event in accumulator.Scalars("train/loss")]
+    assert logged == pytest.approx(losses, rel=1e-5)
 
 
 def test_full_finetune_loss_falls(tmp_path, tiny_model_dir, small_sft_file):
@@ -179,3 +188,14 @@ def test_single_string_target_is_a_regex_that_must_match(tiny_model_dir, small_s
     wrapped = apply_adapter(model, parse_recipe(tiny_recipe(tiny_model_dir, small_sft_file,
                                                             adapter={"target_modules": r".*\.(q|v)_proj"})))
     assert sum("lora_A" in name for name, _ in wrapped.named_modules()) > 0
+
+
+def test_tracker_that_is_not_installed_is_a_recipe_error(tmp_path, tiny_model_dir, small_sft_file):
+    import importlib.util
+
+    from tuneforge.errors import RecipeError
+
+    missing = next(name for name in ("wandb", "mlflow", "trackio") if importlib.util.find_spec(name) is None)
+    with pytest.raises(RecipeError, match=f"train.report_to.*{missing} not installed"):
+        run_tiny(tmp_path, tiny_model_dir, small_sft_file, train={"max_steps": 1, "report_to": ["tensorboard", missing]})
+    assert run_tiny(tmp_path, tiny_model_dir, small_sft_file, train={"max_steps": 1, "report_to": []})[0].status == "completed"

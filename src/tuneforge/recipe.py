@@ -27,6 +27,16 @@ LR_RANGE = {"lora": (1e-5, 1e-3), "qlora": (1e-5, 1e-3), "full": (1e-6, 1e-4), "
 DEFAULT_PREFERENCE_LR = {"lora": 5e-6, "qlora": 5e-6, "full": 5e-7, "none": 5e-7}
 PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo", "cpo")
 DEFAULT_OPTIMIZER = {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "adamw_torch", "none": "adamw_torch"}
+# Reward models and RL (methods/reward.py, rl.py, ppo.py, gkd.py). Full fine-tuning values are the seeds' (seed 000
+# step 7: PPO 1e-5) or TRL's (GRPO/RLOO 1e-6, online DPO 5e-7 as DPO, reward model 1e-5); LoRA takes 10x, as above.
+# gkd is supervised (a KL to the teacher on SFT data), so it keeps the SFT rates of DEFAULT_LR.
+RL_METHODS = ("reward", "ppo", "grpo", "rloo", "online_dpo", "gkd")
+DEFAULT_RL_LR = {"reward": (1e-4, 1e-5), "ppo": (1e-4, 1e-5), "grpo": (1e-5, 1e-6), "rloo": (1e-5, 1e-6),
+                 "online_dpo": (5e-6, 5e-7)}  # method -> (LoRA/QLoRA, full)
+# KL coefficient to the reference by method: PPO 0.05 (seed 000 step 7), GRPO 0.04 (the GRPO paper's value), RLOO 0.05
+# (TRL), online DPO 0.1 (DPO's beta, seed 000 step 6). Seed 003: too small and the policy hacks the reward, too
+# large and RL makes no progress.
+DEFAULT_KL = {"ppo": 0.05, "grpo": 0.04, "rloo": 0.05, "online_dpo": 0.1}
 
 
 class KeyedValueError(ValueError):
@@ -126,6 +136,12 @@ class TrainSection(_Section):
     eval_every: int | None = Field(None, gt=0, description="Held-out loss every N steps (None: at the end only).")
     logging_steps: int = Field(1, gt=0, description="Log loss/lr/throughput every N steps.")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (None: only the final weights).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers besides metrics.jsonl and report.html: tensorboard (local, <run>/tensorboard; "
+        "the default), wandb, mlflow, trackio ([] = none). Their settings (project, API key, URL) come from their usual "
+        "environment variables (WANDB_PROJECT, MLFLOW_TRACKING_URI, ...); keys are never written to the run directory.",
+    )
     early_stopping: EarlyStoppingSection | None = Field(
         None, description="Stop when the held-out loss plateaus (needs eval_every); e.g. {patience: 3, min_delta: 0.01}."
     )
@@ -160,6 +176,11 @@ class EvalSection(_Section):
     few_shot: int = Field(3, ge=0, description="Shots in the prompt-only baseline built from training examples (0: off).")
     forgetting: bool = Field(True, description="Run the shipped general-ability probe before and after training.")
     forgetting_threshold: float = Field(5.0, gt=0, description="Flag a probe drop larger than this many points.")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks (e.g. [arc_easy, hellaswag]) scored before and "
+        "after training beside the shipped probe, each flagged like it; needs `pip install lm-eval` and the tasks' data.")
+    lm_eval_limit: int | None = Field(200, gt=0, description="Documents per lm-eval task (None: all).")
+    lm_eval_include: str | None = Field(None, description="Folder of your own lm-eval task YAMLs (offline tasks).")
     max_examples: int | None = Field(100, gt=0, description="Held-out examples scored by generation (None: all).")
     max_new_tokens: int = Field(128, gt=0, description="Generation budget per answer.")
     batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
@@ -191,6 +212,71 @@ class PreferenceSection(_Section):
                                    "after training (None: all).")
 
 
+class RewardSpec(_Section):
+    """One reward function of `rl.rewards` (rewards.py lists the built-ins and their options)."""
+
+    name: str = Field(..., description="exact_answer | regex | json_schema | length | code_tests | reward_model | custom.")
+    weight: float = Field(1.0, description="Weight in the weighted sum of rewards (negative = a penalty).")
+    options: dict = Field(default_factory=dict, description="The reward's options, e.g. {pattern: '^Answer: \\d+$'} for "
+                          "regex, {path: rewards.py, function: score} for custom.")
+
+    @model_validator(mode="after")
+    def _known_reward(self) -> RewardSpec:
+        from tuneforge.rewards import check_reward_spec
+
+        check_reward_spec(self.name, self.options)  # names and options; files are read when the run starts
+        return self
+
+
+class RLSection(_Section):
+    """Reward models and RL (reward, ppo, grpo, rloo, online_dpo, gkd); read by methods/reward.py, rl.py, ppo.py,
+    gkd.py. Rollouts are sampled with plain transformers generate unless use_vllm is on."""
+
+    rewards: list[RewardSpec] = Field(
+        default_factory=list, description="grpo/rloo/online_dpo: reward functions, summed with their weights, e.g. "
+        "[{name: exact_answer, weight: 1.0}, {name: regex, weight: 0.2, options: {pattern: 'Answer: -?\\d+$'}}].")
+    reward_model: str | None = Field(
+        None, description="A trained reward model (a `method: reward` run directory, or a sequence-classification model "
+        "folder with one output). ppo: the reward (required); grpo/rloo/online_dpo may add it with {name: reward_model}.")
+    num_generations: int = Field(8, ge=2, description="grpo/rloo: completions sampled per prompt (the group); the "
+                                 "batch (train.batch_size x grad_accum) must be a multiple of it.")
+    max_new_tokens: int = Field(128, gt=0, description="Tokens generated per completion during training.")
+    max_prompt_length: int | None = Field(None, gt=0, description="Prompt tokens kept (the end of long prompts); "
+                                          "None = train.max_length - max_new_tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (1.0 = the policy's own "
+                               "distribution, which the policy-gradient estimate assumes).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts (1.0 = off).")
+    kl_coef: float | None = Field(None, ge=0, description="KL penalty to the frozen reference: ppo kl_coef, grpo/rloo "
+                                  "beta, online_dpo beta. None = per method (ppo 0.05, grpo 0.04, rloo 0.05, "
+                                  "online_dpo 0.1). Too small: reward hacking; too large: no progress (seed 003).")
+    clip_range: float = Field(0.2, gt=0, description="PPO/GRPO/RLOO ratio clip epsilon (seed 000: typically 0.2).")
+    value_clip: float = Field(0.2, gt=0, description="ppo: clip range of the value function (cliprange_value).")
+    vf_coef: float = Field(0.1, ge=0, description="ppo: weight of the value loss (TRL's default).")
+    gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount (seed 000: 1.0 in RLHF).")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda (seed 000: 0.95).")
+    ppo_epochs: int = Field(4, ge=1, description="ppo: optimisation passes over each batch of rollouts (seed 000: 4).")
+    num_mini_batches: int = Field(4, ge=1, description="ppo: mini-batches each rollout batch is split into (seed 000: "
+                                  "4); batch_size x grad_accum must be a multiple of it.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="ppo: KL estimator (k1 unbiased; k3 lower variance).")
+    whiten_rewards: bool = Field(False, description="ppo: whiten rewards per batch (needs mini-batches of >= 8).")
+    missing_eos_penalty: float | None = Field(None, ge=0, description="ppo/online_dpo: subtracted from the reward of a "
+                                              "completion that never ends (hit max_new_tokens).")
+    num_iterations: int = Field(1, ge=1, description="grpo/rloo: optimisation passes over each batch of rollouts.")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="grpo: divide advantages by the "
+                                                               "reward std of the group | the batch | not at all.")
+    loss_type: str | None = Field(None, description="grpo: grpo | dr_grpo | dapo | bnpo | ... (TRL's list); online_dpo: "
+                                  "sigmoid | ipo. None = TRL's default.")
+    teacher: str | None = Field(None, description="gkd: the teacher model (hub id, folder, embedded:..., or a tuneforge "
+                                "run directory); it must share the student's tokenizer.")
+    gkd_lambda: float = Field(0.5, ge=0, le=1, description="gkd: share of steps on student-generated completions "
+                              "(on-policy); 0 = supervised KD on the data's answers.")
+    gkd_beta: float = Field(0.5, ge=0, le=1, description="gkd: generalised JSD interpolation (0 = forward KL, 1 = "
+                            "reverse KL).")
+    use_vllm: bool = Field(False, description="Generate rollouts with vLLM (colocated); needs vllm installed and a GPU.")
+    eval_prompts: int | None = Field(50, gt=0, description="Held-out prompts (pairs, for reward) scored before and after "
+                                     "training (None: all).")
+
+
 class DistributedSection(_Section):
     """Several GPUs (`tuneforge train --gpus N`); distributed.py maps this onto TrainingArguments."""
 
@@ -213,9 +299,12 @@ class DistributedSection(_Section):
 class Recipe(_Section):
     name: str = Field(..., min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
     model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
-    method: Literal["sft", "cpt", "dpo", "kto", "orpo", "simpo", "cpo"] = Field(
+    method: Literal["sft", "cpt", "dpo", "kto", "orpo", "simpo", "cpo", "reward", "ppo", "grpo", "rloo", "online_dpo",
+                    "gkd"] = Field(
         "sft", description="sft (loss on answers) | cpt (continued pre-training on text) | dpo | kto (unpaired) | "
-        "orpo (SFT + odds ratio, no reference) | simpo (reference-free, length-normalised) | cpo.")
+        "orpo (SFT + odds ratio, no reference) | simpo (reference-free, length-normalised) | cpo | reward (reward "
+        "model on pairs) | ppo (RLHF against a reward model) | grpo / rloo (RL with reward functions) | online_dpo | "
+        "gkd (distillation from rl.teacher).")
     data: DataSection
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     quant: QuantSection = Field(default_factory=QuantSection)
@@ -223,6 +312,7 @@ class Recipe(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Several GPUs (--gpus N).")
     preference: PreferenceSection = Field(default_factory=PreferenceSection, description="dpo/kto/orpo/simpo/cpo settings.")
+    rl: RLSection = Field(default_factory=RLSection, description="reward/ppo/grpo/rloo/online_dpo/gkd settings.")
     stages: list[dict] | None = Field(
         None, description="Run several stages in order, each a partial recipe over this one, e.g. [{name: sft, method: "
         "sft}, {name: dpo, method: dpo, data: {train: prefs.jsonl}}]; each stage starts from the last stage's adapter "
@@ -244,9 +334,13 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def resolve_defaults(self) -> Recipe:
         """Fill the defaults that depend on other keys, so the saved recipe shows what actually ran."""
+        if self.train.lr is None and self.method in DEFAULT_RL_LR:
+            self.train.lr = DEFAULT_RL_LR[self.method][0 if self.uses_lora else 1]
         if self.train.lr is None:
             table = DEFAULT_PREFERENCE_LR if self.method in PREFERENCE_METHODS else DEFAULT_LR
             self.train.lr = table[self.adapter.type]
+        if self.method in RL_METHODS:
+            check_rl_recipe(self)
         if self.train.optimizer is None:
             self.train.optimizer = DEFAULT_OPTIMIZER[self.adapter.type]
         if self.train.early_stopping is not None and not self.train.eval_every:
@@ -301,6 +395,37 @@ class Recipe(_Section):
     @property
     def uses_lora(self) -> bool:
         return self.adapter.type in ("lora", "qlora")
+
+
+def check_rl_recipe(recipe: Recipe) -> None:
+    """What an RL method needs from the rest of the recipe (raised on the key to fix); kl_coef resolved per method."""
+    rl, method = recipe.rl, recipe.method
+    if rl.kl_coef is None and method in DEFAULT_KL:
+        rl.kl_coef = DEFAULT_KL[method]
+    if method == "ppo" and not rl.reward_model:
+        raise KeyedValueError("rl.reward_model", "method ppo optimises a trained reward model: train one with method: "
+                                                 "reward, then set rl.reward_model to its run directory")
+    if method in ("grpo", "rloo", "online_dpo") and not rl.rewards and not rl.reward_model:
+        raise KeyedValueError("rl.rewards", f"method {method} needs at least one reward: e.g. rl.rewards: [{{name: "
+                                            f"exact_answer}}], or rl.reward_model (a reward run directory)")
+    if method == "gkd" and not rl.teacher:
+        raise KeyedValueError("rl.teacher", "method gkd distils a teacher model into this one: set rl.teacher (a model "
+                                            "name, folder or run directory sharing this model's tokenizer)")
+    if method in ("grpo", "rloo"):
+        batch = recipe.train.batch_size * recipe.train.grad_accum
+        if batch % rl.num_generations:
+            raise KeyedValueError("rl.num_generations", f"{method} samples num_generations completions per prompt, so "
+                                                        f"train.batch_size x train.grad_accum ({batch}) must be a "
+                                                        f"multiple of it (got {rl.num_generations})")
+    if method == "ppo":
+        batch = recipe.train.batch_size * recipe.train.grad_accum
+        if batch % rl.num_mini_batches:
+            raise KeyedValueError("rl.num_mini_batches", f"ppo splits each batch of rollouts (train.batch_size x "
+                                                         f"grad_accum = {batch}) into num_mini_batches; it must divide "
+                                                         f"it (got {rl.num_mini_batches})")
+    if recipe.train.packing:
+        raise KeyedValueError("train.packing", f"method {method} scores whole sequences (pairs or rollouts); packing "
+                                               f"does not apply: set train.packing: false")
 
 
 def merge_stage(base: dict, stage: dict) -> dict:

@@ -55,6 +55,13 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     from tuneforge.evaluate.metrics import resolve_metrics
 
     metric_specs = resolve_metrics(recipe.eval.metrics, base_dir=getattr(recipe, "_source_dir", None))
+    from tuneforge.methods.common import check_trackers
+
+    check_trackers(recipe)
+    from tuneforge.evaluate.lm_eval_tasks import check_tasks
+
+    lm_eval_manager = check_tasks(recipe)  # eval.lm_eval_tasks: installed and known, before the run directory exists
+    recipe._lm_eval_manager = lm_eval_manager  # type: ignore[attr-defined]
     data = prepare_data(recipe, tokenizer)
     print_data_summary(console, data.stats)
     if doctor and not resume:  # preflight checks: errors stop here, before a run directory exists
@@ -162,6 +169,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         from tuneforge.evaluate.forgetting import run_probe
 
         probe_before = run_probe(model, tokenizer)
+        add_lm_eval_scores(probe_before, model, tokenizer, recipe)
         run.write_json("eval/forgetting.json", {"before": probe_before})
         console.print(f"[bold]general probe[/] (base): {probe_before['accuracy']:.1f}% of {probe_before['n']} items")
 
@@ -243,6 +251,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         from tuneforge.evaluate.forgetting import compare, run_probe
 
         probe_after = run_probe(trainer.model, tokenizer)
+        add_lm_eval_scores(probe_after, trainer.model, tokenizer, recipe)
         forgetting = compare(probe_before, probe_after, threshold=recipe.eval.forgetting_threshold)
         run.write_json("eval/forgetting.json", {"before": probe_before, "after": probe_after, "comparison": forgetting})
 
@@ -267,6 +276,15 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     print_summary(console, run, summary)
     console.print(f"report: {report}")
     return run
+
+
+def add_lm_eval_scores(probe: dict, model, tokenizer, recipe) -> None:
+    """eval.lm_eval_tasks: their scores join the probe result, so compare() treats them as probe rows."""
+    if recipe.eval.lm_eval_tasks:
+        from tuneforge.evaluate.lm_eval_tasks import run_tasks
+
+        probe["lm_eval"] = run_tasks(model, tokenizer, recipe, getattr(recipe, "_lm_eval_manager", None),
+                                     batch_size=recipe.train.batch_size)
 
 
 def score_model(model, tokenizer, examples, recipe, metric_specs, console, *, label: str) -> dict:

@@ -290,6 +290,10 @@ def compare(before: dict, after: dict, threshold: float = DEFAULT_THRESHOLD) -> 
     right_after = {r["id"]: r["correct"] for r in after.get("items", [])}
     lost = [i for i in right_before if right_before[i] and right_after.get(i) is False]
     gained = [i for i in right_before if not right_before[i] and right_after.get(i) is True]
+    for task, value in (before.get("lm_eval") or {}).items():  # eval.lm_eval_tasks, see evaluate/lm_eval_tasks.py
+        if task in (after.get("lm_eval") or {}):
+            b, a = value["score"], after["lm_eval"][task]["score"]
+            scores[f"lm_eval:{task}"] = {"before": b, "after": a, "delta": a - b, "flagged": a - b < -threshold}
     flagged_keys = [k for k, v in scores.items() if v["flagged"]]
     if flagged_keys:
         message = "; ".join(f"{k} fell {-scores[k]['delta']:.1f} points ({scores[k]['before']:.1f} -> "

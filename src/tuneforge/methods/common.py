@@ -28,6 +28,36 @@ def checkpointing_field(enabled: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def check_trackers(recipe) -> list[str]:
+    """The trackers train.report_to names; one that is not installed is a recipe error naming the key (train.py
+    calls this before the run directory exists, so the error leaves nothing behind)."""
+    import importlib.util
+
+    from tuneforge.errors import RecipeError
+
+    wanted = list(dict.fromkeys(recipe.train.report_to))
+    missing = [name for name in wanted if importlib.util.find_spec(TRACKER_MODULES[name]) is None]
+    if missing:
+        raise RecipeError([f"`train.report_to`: {', '.join(missing)} not installed; pip install {' '.join(missing)}, "
+                           f"or remove {'it' if len(missing) == 1 else 'them'} from train.report_to"])
+    return wanted
+
+
+def tracker_arguments(recipe, run) -> dict:
+    """train.report_to -> report_to/run_name. TensorBoard writes into <run>/tensorboard (transformers reads the folder
+    from TENSORBOARD_LOGGING_DIR; without it the events would land under checkpoints/). A tracker that is not
+    installed is a recipe error naming the key, not an ImportError halfway through setting up the trainer."""
+    import os
+
+    wanted = check_trackers(recipe)
+    if "tensorboard" in wanted:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.file("tensorboard"))
+    return {"report_to": wanted or "none", "run_name": recipe.name}
+
+
 def common_arguments(recipe, run, device: str) -> dict:
     t = recipe.train
     has_eval = bool(t.eval_every)
@@ -54,7 +84,7 @@ def common_arguments(recipe, run, device: str) -> dict:
         eval_steps=t.eval_every,
         save_strategy="steps" if t.save_every else "no",
         save_steps=t.save_every or 500,
-        report_to="none",
+        **tracker_arguments(recipe, run),
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         use_cpu=device == "cpu",
