@@ -35,6 +35,12 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
         from tuneforge.methods.stages import train_stages
 
         return train_stages(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
+    from tuneforge.recipe import RL_METHODS
+
+    if recipe.method in RL_METHODS:  # reward models and RL: their own data, scores and models (train_rl.py)
+        from tuneforge.train_rl import train_rl
+
+        return train_rl(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
     path = run_path_for(recipe, output)
     checkpoint = None
     if resume:

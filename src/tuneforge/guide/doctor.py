@@ -41,6 +41,9 @@ EVAL_EVERY_MAX = 500  # seed 000 "eval too rarely": every 100 or 500 steps
 PREFERENCE_LR_RANGE = {"full": (1e-7, 5e-6), "none": (1e-7, 5e-6), "lora": (1e-7, 5e-5), "qlora": (1e-7, 5e-5)}
 PREFERENCE_METHODS = {"dpo", "kto", "ipo", "simpo", "orpo", "cpo", "rpo"}
 NEEDS_SFT_START = {"dpo", "kto", "ipo", "simpo", "cpo", "rpo"}  # ORPO folds SFT into its loss and starts from a base
+# RL polishes a policy that already answers (seed 001 part 8: SFT -> reward model -> PPO; GRPO needs some correct
+# samples in a group to learn anything)
+NEEDS_SFT_START |= {"ppo", "grpo", "rloo", "online_dpo"}
 # Markers of chat templates; in message contents they mean the data was templated twice.
 TEMPLATE_MARKERS = {
     "<|im_start|>": "ChatML", "<|im_end|>": "ChatML", "<|start_header_id|>": "Llama 3", "<|eot_id|>": "Llama 3",
@@ -618,6 +621,39 @@ def check_preference_start(ctx: Context):
                   "instruct checkpoint", ctx.where("model.name"))
 
 
+@check
+def check_rl(ctx: Context):
+    """Seed pitfalls of RL: no KL penalty (seed 003: the policy finds outputs that fool the reward), a group too small
+    for GRPO's relative advantages, a PPO reward model trained from another base model, a reward model whose data
+    has no held-out pairs (handled as a data error)."""
+    method = ctx.method
+    kl = _get(ctx.recipe, "rl.kl_coef", None)
+    if method in ("ppo", "grpo", "rloo", "online_dpo") and kl == 0:
+        yield Finding("warning", "rl-no-kl", f"rl.kl_coef is 0 with method {method}: nothing holds the policy near "
+                      "its reference", "without the KL penalty the policy drifts into outputs that score high but are "
+                      "gibberish or reward hacks (seed 003: 'the KL penalty is critical')",
+                      "set rl.kl_coef > 0 (ppo 0.05, grpo 0.04 are the defaults)", ctx.where("rl.kl_coef"))
+    if method in ("grpo", "rloo") and (_get(ctx.recipe, "rl.num_generations", 8) or 8) < 4:
+        yield Finding("warning", "rl-small-group", f"rl.num_generations is {_get(ctx.recipe, 'rl.num_generations')}",
+                      "the group mean is the baseline of each completion's advantage; with 2-3 samples it is noisy and "
+                      "groups often score all-equal, which teaches nothing", "use 4-16 (TRL's default is 8)",
+                      ctx.where("rl.num_generations"))
+    reward_run = _get(ctx.recipe, "rl.reward_model", None)
+    if method == "ppo" and reward_run and (Path(str(reward_run)) / "recipe.yaml").is_file():
+        import yaml
+
+        try:
+            trained = (yaml.safe_load((Path(str(reward_run)) / "recipe.yaml").read_text(encoding="utf-8")) or {})
+        except (OSError, yaml.YAMLError):
+            trained = {}
+        base = (trained.get("model") or {}).get("name") if isinstance(trained.get("model"), dict) else trained.get("model")
+        if base and str(base) != str(_get(ctx.recipe, "model.name", "")):
+            yield Finding("warning", "rl-reward-base", f"the reward model was trained from {base!r}, the policy is "
+                          f"{_get(ctx.recipe, 'model.name')!r}", "PPO feeds the policy's token ids to the reward model: "
+                          "it must share the tokenizer (a different vocabulary is refused when training starts)",
+                          "train the reward model from the same base model as the policy", ctx.where("rl.reward_model"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model: target modules, new tokens, context length
 
@@ -1053,15 +1089,22 @@ def doctor_recipe(recipe, *, tokenizer=None, data=None, model_config=None, devic
     data_format = None
     if data is None and tokenizer is not None:
         from tuneforge.data.pipeline import prepare_data
+        from tuneforge.recipe import RL_METHODS
 
         try:
-            data = prepare_data(recipe, tokenizer)
+            if recipe.method in RL_METHODS:  # pairs, prompts or conversations (train_rl.py); prompts are not SFT data
+                from tuneforge.train_rl import prepare_rl_data
+
+                data = prepare_rl_data(recipe, tokenizer)
+                data = data if hasattr(data, "train_examples") else None
+            else:
+                data = prepare_data(recipe, tokenizer)
         except ModelError as exc:
             if exc.where != "model.chat_template":
                 findings.append(_load_finding(exc))
         except TuneforgeError as exc:
             findings.append(_load_finding(exc))
-        if data is None:
+        if data is None and recipe.method not in RL_METHODS:
             data_format = _detect_format(recipe)
     if device_info is None:
         device_info = detect_device()

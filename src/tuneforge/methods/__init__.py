@@ -9,7 +9,8 @@ _REGISTRY: dict[str, object] = {}
 
 # method name -> module that defines it (several names may share a module)
 MODULES = {"sft": "sft", "cpt": "sft", "dpo": "preference", "kto": "preference", "orpo": "preference",
-           "simpo": "preference", "cpo": "preference"}
+           "simpo": "preference", "cpo": "preference", "reward": "reward", "ppo": "ppo", "grpo": "online_rl",
+           "rloo": "online_rl", "online_dpo": "online_rl", "gkd": "gkd"}
 
 
 def register(name: str):
