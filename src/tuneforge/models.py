@@ -194,8 +194,9 @@ def quantization_config(quant, compute_dtype):
     )
 
 
-def load_base_model(model_section, *, quant=None, device: str | None = None, dtype=None):
-    """Load the base model for training or evaluation. `quant` (a QuantSection) loads it with bitsandbytes."""
+def load_base_model(model_section, *, quant=None, device: str | None = None, dtype=None, attention: str | None = None):
+    """Load the base model for training or evaluation. `quant` (a QuantSection) loads it with bitsandbytes;
+    `attention` is an attn_implementation (speed.attention; None = transformers' default, sdpa)."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
@@ -204,6 +205,8 @@ def load_base_model(model_section, *, quant=None, device: str | None = None, dty
     dtype = dtype or resolve_dtype(model_section.dtype, device)
     kwargs = dict(dtype=dtype, trust_remote_code=model_section.trust_remote_code, revision=model_section.revision,
                   use_safetensors=None if model_section.allow_pickle else True)
+    if attention and attention != "auto":
+        kwargs["attn_implementation"] = attention
     if model_section.trust_remote_code:
         import warnings
 

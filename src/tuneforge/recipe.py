@@ -130,12 +130,23 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (seed 000: 0 or 0.01).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optimizer: str | None = Field(None, description="Optimizer name as transformers knows it; default by adapter type.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute activations in backward: less memory, ~30% slower. auto = the memory plan decides "
+        "on a GPU (off when the run fits speed.memory_fraction of it, else every 2nd layer, else every layer); off on CPU.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on a GPU that has it, else fp32.")
     seed: int = Field(42, description="Seed for init, shuffling and dropout.")
     eval_every: int | None = Field(None, gt=0, description="Held-out loss every N steps (None: at the end only).")
     logging_steps: int = Field(1, gt=0, description="Log loss/lr/throughput every N steps.")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (None: only the final weights).")
+    save_total_limit: int | None = Field(
+        None, gt=0, description="Keep only the newest N checkpoints, plus the best one by held-out loss when it is "
+        "older (eval_every); None keeps every checkpoint.")
+    oom_retry: bool = Field(
+        False, description="On out of memory, continue from the last checkpoint with half the micro-batch and twice "
+        "grad_accum (the same effective batch), down to batch_size 1; off: stop with the memory plan's advice.")
+    skip_nonfinite_batches: int = Field(
+        0, ge=0, description="Skip up to N optimizer steps whose gradients are NaN/inf (isolated bad batches; each "
+        "counted and reported); one more stops the run. 0: stop at the first.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="Experiment trackers besides metrics.jsonl and report.html: tensorboard (local, <run>/tensorboard; "
@@ -277,6 +288,27 @@ class RLSection(_Section):
                                      "training (None: all).")
 
 
+class SpeedSection(_Section):
+    """Speed levers (src/tuneforge/speed/); auto = on where it is safe, decided when the run starts and saved."""
+
+    padding_free: bool | Literal["auto"] = Field(
+        "auto", description="sft/cpt micro-batches without padding: one row of real tokens, attention kept within each "
+        "example. auto = on for sft/cpt without train.packing.")
+    liger: bool | Literal["auto"] = Field(
+        "auto", description="Liger fused Triton kernels (RMSNorm, SwiGLU, RoPE). auto = on with CUDA, liger-kernel "
+        "installed (pip install liger-kernel) and a supported model (Llama, Qwen, Mistral, Gemma, Phi3, ...).")
+    fused_optimizer: bool | Literal["auto"] = Field(
+        "auto", description="Fused AdamW kernel (adamw_torch -> adamw_torch_fused). auto = on with CUDA.")
+    attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = Field(
+        "auto", description="Attention kernel: auto = flash_attention_2 where flash-attn is installed on CUDA, else sdpa.")
+    compile: bool = Field(False, description="torch.compile the model (slow start; pays on long runs with static shapes).")
+    memory_fraction: float = Field(
+        0.85, gt=0.1, le=1.0, description="Share of GPU memory the memory plan may fill when train.gradient_checkpointing "
+        "is auto (lower it to leave room for other processes).")
+    checkpoint_every: int = Field(1, ge=1, description="With gradient checkpointing: checkpoint every n-th decoder layer "
+                                  "(set by gradient_checkpointing: auto; 1 = every layer).")
+
+
 class DistributedSection(_Section):
     """Several GPUs (`tuneforge train --gpus N`); distributed.py maps this onto TrainingArguments."""
 
@@ -311,6 +343,8 @@ class Recipe(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Several GPUs (--gpus N).")
+    speed: SpeedSection = Field(default_factory=SpeedSection, description="Speed levers; the defaults are the fast, "
+                                "safe choice (see src/tuneforge/speed/).")
     preference: PreferenceSection = Field(default_factory=PreferenceSection, description="dpo/kto/orpo/simpo/cpo settings.")
     rl: RLSection = Field(default_factory=RLSection, description="reward/ppo/grpo/rloo/online_dpo/gkd settings.")
     stages: list[dict] | None = Field(

@@ -37,7 +37,8 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
         return train_stages(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
     from tuneforge.recipe import RL_METHODS
 
-    if recipe.method in RL_METHODS:  # reward models and RL: their own data, scores and models (train_rl.py)
+    if recipe.method in RL_METHODS:
+        resolve_speed(recipe, console)  # speed levers and checkpointing for this device (saved with the recipe)  # reward models and RL: their own data, scores and models (train_rl.py)
         from tuneforge.train_rl import train_rl
 
         return train_rl(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
@@ -70,6 +71,7 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     recipe._lm_eval_manager = lm_eval_manager  # type: ignore[attr-defined]
     data = prepare_data(recipe, tokenizer)
     print_data_summary(console, data.stats)
+    resolve_speed(recipe, console, [len(e.input_ids) for e in data.train if hasattr(e, "input_ids")] or None)
     if doctor and not resume:  # preflight checks: errors stop here, before a run directory exists
         from tuneforge.guide.doctor import doctor_recipe, raise_for_errors, render_findings
 
@@ -91,10 +93,37 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     else:
         run.create(overwrite=overwrite)
     try:
-        return _train_in(run, recipe, tokenizer, data, device, console, metric_specs, checkpoint=checkpoint)
+        from tuneforge.guards import train_with_oom_retry  # train.oom_retry: smaller micro-batch, same effective batch
+
+        return train_with_oom_retry(lambda r, c: _train_in(run, r, tokenizer, data, device, console, metric_specs,
+                                                           checkpoint=c), recipe, run, checkpoint, console)
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
+
+
+def resolve_speed(recipe: Recipe, console, lengths: list[int] | None = None) -> None:
+    """speed.* and train.gradient_checkpointing `auto` -> decisions for this device (src/tuneforge/speed/); `lengths`
+    (the training examples' token counts) let the memory plan size the largest micro-batch the data can make."""
+    from tuneforge.models import local_rank, pick_device
+    from tuneforge.speed import resolve
+
+    device = pick_device()
+    config, memory = None, None
+    if device == "cuda":  # the memory plan needs the model's config and the GPU's memory
+        import torch
+
+        from tuneforge.guide.plan import load_model_config
+
+        try:
+            config = load_model_config(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code,
+                                       revision=recipe.model.revision)
+        except Exception:  # a config the plan cannot read: checkpointing stays on, Liger off (the safe choices)
+            config = None
+        memory = torch.cuda.get_device_properties(local_rank()).total_memory / 2**30
+    reasons = resolve(recipe, device, config, memory, lengths=lengths)
+    if reasons and device == "cuda":
+        console.print("[bold]speed[/] " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
 
 
 def resumable_checkpoint(run: RunDir) -> Path:
@@ -139,7 +168,8 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     set_seed(recipe.train.seed)
 
     console.print(f"[bold]model[/] {recipe.model.name} on {device}")
-    model = load_base_model(recipe.model, quant=recipe.quant if recipe.adapter.type == "qlora" else None, device=device)
+    model = load_base_model(recipe.model, quant=recipe.quant if recipe.adapter.type == "qlora" else None, device=device,
+                            attention=recipe.speed.attention)
     eos_ids = align_eos(tokenizer, model)
     console.print(f"generation stops at token ids {eos_ids} ({tokenizer.convert_ids_to_tokens(eos_ids)})")
     from tuneforge.data.preference import PREFERENCE_METHODS
@@ -196,7 +226,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         accuracy = preference_accuracy(preference_start, preference_start, recipe.preference.beta)
         console.print(f"[bold]preference accuracy[/] (start) on {accuracy['n']} held-out pairs: "
                       f"{accuracy['reference_free']:.1f}% (mean log-prob of chosen > rejected)")
-    numerical, interrupt = NumericalGuard(), InterruptGuard()
+    numerical, interrupt = NumericalGuard(max_skips=recipe.train.skip_nonfinite_batches, run=run), InterruptGuard()
     callbacks = [ProgressCallback(run, console), numerical, interrupt]
     plateau = None
     if recipe.train.early_stopping is not None:
@@ -207,6 +237,11 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         callbacks.append(plateau)
     trainer = build(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
+    from tuneforge.checkpoints import install_checkpointing
+    from tuneforge.guards import install_step_guards
+
+    install_checkpointing(trainer, recipe, run, console)  # atomic saves; save_total_limit keeps the best; disk full
+    install_step_guards(trainer, recipe, console)  # out of memory -> the step and the memory plan's advice
     if checkpoint is None:
         base_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
         run.set_status("running", base_eval_loss=base_loss)
@@ -270,6 +305,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
                                       **{k: v for k, v in forgetting["scores"].items()}},
         "n_eval": tuned["n"] if tuned else 0,
         "preference": preference_result,
+        "skipped_nonfinite_steps": numerical.skipped,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
     run.write_json("summary.json", summary)

@@ -75,7 +75,7 @@ def common_arguments(recipe, run, device: str) -> dict:
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
-        **checkpointing_field(t.gradient_checkpointing),
+        **checkpointing_field(t.gradient_checkpointing is True),
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -92,8 +92,10 @@ def common_arguments(recipe, run, device: str) -> dict:
         remove_unused_columns=True,
         **precision_flags(recipe, device),
     )
+    from tuneforge import speed
     from tuneforge.distributed import training_arguments
 
+    args.update(speed.training_arguments(recipe, device))  # fused optimizer, Liger, selective checkpointing, compile
     args.update(training_arguments(recipe, device))  # recipe.distributed under accelerate launch; {} otherwise
     return args
 
@@ -125,7 +127,7 @@ def load_start_adapter(model, recipe, console=None):
     folder = adapter_folder(recipe.model.adapter)
     if recipe.model.adapter_mode == "continue":
         if recipe.adapter.type == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing is True)
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
         if console is not None:
             console.print(f"[bold]adapter[/] continuing {folder} (trainable)")

@@ -19,13 +19,12 @@ from tuneforge.methods.common import common_arguments
 def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks):
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(
-        **common_arguments(recipe, run, device),
-        max_length=recipe.train.max_length,
-        packing=recipe.train.packing,
-        packing_strategy="bfd",
-        dataset_num_proc=None,
-    )
+    from tuneforge import speed
+
+    fields = dict(max_length=recipe.train.max_length, packing=recipe.train.packing, packing_strategy="bfd",
+                  dataset_num_proc=None)
+    fields.update(speed.sft_arguments(recipe))  # padding-free micro-batches
+    args = SFTConfig(**common_arguments(recipe, run, device), **fields)
     return SFTTrainer(
         model=model,
         args=args,

@@ -1,0 +1,131 @@
+"""Speed levers: the one place that decides how fast a run goes. Each lever is a `speed:` recipe key, on by default
+where it is safe (`auto`), and each is checked on CPU to give the same losses and gradients as the plain path
+(tests/test_speed.py); the GPU benchmark (bench/speed.py) records the same check and the gains.
+
+  padding_free     sft/cpt micro-batches are one row of real tokens (no padding), with position ids that restart
+                   at each example; attention never crosses an example boundary (transformers builds the
+                   block-diagonal mask from the position ids; flash-attention varlen where installed). Real
+                   instruction data is short and varied, so padding to the longest example wastes most of a batch.
+  liger            Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA, where liger-kernel is installed.
+                   TRL already computes the loss through a chunked LM head that never materialises full logits.
+  fused_optimizer  AdamW as one fused kernel per step (adamw_torch -> adamw_torch_fused) on CUDA.
+  checkpointing    train.gradient_checkpointing: auto -> the memory plan (guide/plan.py) picks no checkpointing when
+                   the run fits in the GPU's memory budget (speed.memory_fraction), else checkpointing every second
+                   layer if that fits, else every layer.
+  attention        auto = flash_attention_2 where flash-attn is installed on CUDA, else PyTorch sdpa.
+
+`resolve(recipe, device, model_config)` turns every `auto` into a decision (written into the saved recipe, so
+a run directory says what ran); `training_arguments` and `sft_arguments` hand the decisions to TrainingArguments
+and SFTConfig; models.load_base_model takes speed.attention.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+PADDING_FREE_METHODS = ("sft", "cpt")
+# Model types Liger patches (liger_kernel.transformers.monkey_patch); others train unpatched.
+LIGER_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+                     "phi3", "olmo2", "granite", "glm4"}
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def flash_attention_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None = None,
+            lengths: list[int] | None = None) -> dict:
+    """Decide every `auto` lever for this run and device; the decisions are written back into the recipe.
+    `lengths` (token counts of the training examples) size the largest micro-batch for the memory plan.
+    Returns {lever: decision} with the reason for each, for the run log."""
+    s, reasons = recipe.speed, {}
+    cuda = device == "cuda"
+    if s.padding_free == "auto":
+        s.padding_free = recipe.method in PADDING_FREE_METHODS and not recipe.train.packing
+        reasons["padding_free"] = "sft/cpt without packing" if s.padding_free else f"not used by {recipe.method}/packing"
+    model_type = getattr(model_config, "model_type", None)
+    if s.liger == "auto":
+        s.liger = cuda and liger_available() and model_type in LIGER_MODEL_TYPES and recipe.adapter.type != "qlora"
+        reasons["liger"] = ("CUDA, liger-kernel installed, " + str(model_type)) if s.liger else (
+            "needs CUDA, liger-kernel and a supported model type (not QLoRA)")
+    if s.fused_optimizer == "auto":
+        s.fused_optimizer = cuda and recipe.train.optimizer == "adamw_torch"
+        reasons["fused_optimizer"] = "adamw_torch on CUDA" if s.fused_optimizer else "only for adamw_torch on CUDA"
+    if s.attention == "auto":
+        s.attention = "flash_attention_2" if cuda and flash_attention_available() else "sdpa"
+        reasons["attention"] = s.attention
+    if recipe.train.gradient_checkpointing == "auto":
+        choice, why = choose_checkpointing(recipe, device, model_config, gpu_memory_gib, lengths)
+        recipe.train.gradient_checkpointing = choice > 0
+        s.checkpoint_every = choice or 1
+        reasons["gradient_checkpointing"] = why
+    return reasons
+
+
+def largest_micro_batch(recipe, lengths: list[int] | None) -> tuple[int, int]:
+    """(rows, tokens per row) of the largest micro-batch the data can make: padding-free batches hold the real
+    tokens of the batch_size longest examples at worst; padded ones batch_size x the longest example."""
+    t = recipe.train
+    if not lengths:
+        return t.batch_size, t.max_length
+    longest = sorted(lengths, reverse=True)[: t.batch_size]
+    if recipe.speed.padding_free is True and not t.packing:
+        return 1, sum(longest)
+    return t.batch_size, (t.max_length if t.packing else longest[0])
+
+
+def choose_checkpointing(recipe, device: str, model_config, gpu_memory_gib: float | None,
+                         lengths: list[int] | None = None) -> tuple[int, str]:
+    """0 = no checkpointing, n = checkpoint every n-th layer: the fastest setting the memory plan fits into
+    speed.memory_fraction of the GPU for the largest micro-batch the data can make (every layer when nothing is
+    known). CPU: none (memory is rarely the limit and recomputation costs ~30%)."""
+    if device != "cuda":
+        return 0, "off on CPU"
+    if model_config is None or gpu_memory_gib is None:
+        return 1, "on (no memory plan for this model)"
+    from tuneforge.guide.plan import plan_memory
+
+    budget = recipe.speed.memory_fraction * gpu_memory_gib
+    t, a = recipe.train, recipe.adapter
+    rows, row_tokens = largest_micro_batch(recipe, lengths)
+    settings = dict(adapter="full" if a.type == "none" else a.type, seq_len=row_tokens, batch_size=rows,
+                    optimizer=t.optimizer, lora_r=a.r, target_modules=a.target_modules, lora_dropout=a.dropout,
+                    quant_bits=recipe.quant.bits, double_quant=recipe.quant.double_quant)
+    try:
+        off = plan_memory(model_config, gradient_checkpointing=False, **settings)["reserved_gib"]
+        on = plan_memory(model_config, gradient_checkpointing=True, **settings)["reserved_gib"]
+    except Exception as exc:  # an architecture the plan does not know: the safe choice
+        return 1, f"on (memory plan unavailable: {exc})"
+    half = on + (off - on) / 2  # every second layer keeps its activations
+    batch = f"largest micro-batch {rows} x {row_tokens} tokens"
+    if off <= budget:
+        return 0, f"off: plan {off:.1f} GiB <= {budget:.1f} GiB budget ({batch})"
+    if half <= budget:
+        return 2, f"every 2nd layer: plan {half:.1f} GiB (none: {off:.1f}) <= {budget:.1f} GiB budget ({batch})"
+    return 1, f"every layer: plan without it {off:.1f} GiB > {budget:.1f} GiB budget ({batch})"
+
+
+def training_arguments(recipe, device: str) -> dict:
+    """TrainingArguments fields for the resolved levers (every method)."""
+    s, args = recipe.speed, {}
+    if s.fused_optimizer is True and recipe.train.optimizer == "adamw_torch":
+        args["optim"] = "adamw_torch_fused"
+    if s.liger is True:
+        args["use_liger_kernel"] = True
+    if recipe.train.gradient_checkpointing is True and s.checkpoint_every > 1:
+        args["activation_checkpointing_kwargs"] = {"every_n_layers": s.checkpoint_every, "use_reentrant": False}
+    if s.compile:
+        args["torch_compile"] = True
+    return args
+
+
+def sft_arguments(recipe) -> dict:
+    """SFTConfig fields: padding-free batches. tuneforge's data is already truncated to train.max_length, so TRL's
+    max_length (which it cannot enforce without packing in padding-free mode) is left unset."""
+    if recipe.speed.padding_free is True and not recipe.train.packing:
+        return {"padding_free": True, "max_length": None}
+    return {}

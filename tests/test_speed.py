@@ -1,0 +1,120 @@
+"""Speed levers (src/tuneforge/speed/): each gives the same per-step losses and gradient norms as the plain path on a
+tiny model on CPU, and `auto` resolves as documented. (Liger's Triton kernels need CUDA: bench/speed.py records
+their check on the GPU.)"""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from conftest import read_metrics, tiny_recipe
+from tuneforge.recipe import parse_recipe
+from tuneforge.train import train
+
+
+def run_steps(tmp_path, tiny_model_dir, small_sft_file, name, *, speed=None, adapter=None, train_section=None):
+    recipe = parse_recipe(tiny_recipe(
+        tiny_model_dir, small_sft_file,
+        adapter={"type": "full", "dropout": 0.0, **(adapter or {})},
+        train={"max_steps": 4, "lr": 1e-3, "scheduler": "constant", "batch_size": 4, "grad_accum": 2,
+               **(train_section or {})},
+        eval={"baseline": False, "forgetting": False, "max_examples": 1, "few_shot": 0},
+        speed=speed or {}, name=name))
+    run = train(recipe, output=str(tmp_path / name), console=Console(quiet=True), doctor=False)
+    rows = [row for row in read_metrics(run.path) if "loss" in row and "eval_loss" not in row]
+    return run, rows
+
+
+def assert_same_steps(a, b, tol=1e-5):
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=tol, abs=tol)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4, abs=1e-6)
+
+
+def test_padding_free_matches_padded_batches(tmp_path, tiny_model_dir, small_sft_file):
+    padded_run, padded = run_steps(tmp_path, tiny_model_dir, small_sft_file, "padded", speed={"padding_free": False})
+    free_run, free = run_steps(tmp_path, tiny_model_dir, small_sft_file, "free", speed={"padding_free": "auto"})
+    import yaml
+
+    assert yaml.safe_load((free_run.path / "recipe.yaml").read_text())["speed"]["padding_free"] is True  # auto -> on
+    assert_same_steps(padded, free)
+    # Real tokens are counted the same way (the benchmark's tokens/s relies on it): no padding in either count.
+    assert [r["tokens_seen"] for r in padded] == [r["tokens_seen"] for r in free]
+    assert padded_run.read_json("summary.json")["eval_loss"]["tuned"] == pytest.approx(
+        free_run.read_json("summary.json")["eval_loss"]["tuned"], rel=1e-5)
+
+
+def test_padding_free_lora_with_gradient_accumulation(tmp_path, tiny_model_dir, small_sft_file):
+    _, padded = run_steps(tmp_path, tiny_model_dir, small_sft_file, "lora-padded", adapter={"type": "lora"},
+                          speed={"padding_free": False})
+    _, free = run_steps(tmp_path, tiny_model_dir, small_sft_file, "lora-free", adapter={"type": "lora"},
+                        speed={"padding_free": True})
+    assert_same_steps(padded, free)
+
+
+def test_fused_adamw_matches_adamw(tmp_path, tiny_model_dir, small_sft_file):
+    _, plain = run_steps(tmp_path, tiny_model_dir, small_sft_file, "adamw", speed={"fused_optimizer": False})
+    fused_run, fused = run_steps(tmp_path, tiny_model_dir, small_sft_file, "fused", speed={"fused_optimizer": True})
+    assert_same_steps(plain, fused, tol=1e-5)
+
+
+def test_selective_checkpointing_matches_no_checkpointing(tmp_path, tiny_model_dir, small_sft_file):
+    _, plain = run_steps(tmp_path, tiny_model_dir, small_sft_file, "no-gc", train_section={"gradient_checkpointing": False})
+    _, every = run_steps(tmp_path, tiny_model_dir, small_sft_file, "gc-all", train_section={"gradient_checkpointing": True})
+    _, second = run_steps(tmp_path, tiny_model_dir, small_sft_file, "gc-2nd",
+                          train_section={"gradient_checkpointing": True}, speed={"checkpoint_every": 2})
+    assert_same_steps(plain, every)
+    assert_same_steps(plain, second)
+
+
+def _recipe(**sections):
+    return parse_recipe({"name": "t", "data": {"train": "x.jsonl"}, **sections})
+
+
+def test_auto_levers_resolve_per_device():
+    from tuneforge.guide.plan import reference_config
+    from tuneforge.speed import resolve, training_arguments
+
+    cpu = _recipe()
+    reasons = resolve(cpu, "cpu")
+    assert cpu.speed.padding_free is True and cpu.speed.liger is False and cpu.speed.fused_optimizer is False
+    assert cpu.train.gradient_checkpointing is False and "CPU" in reasons["gradient_checkpointing"]
+    assert cpu.speed.attention == "sdpa"
+    assert training_arguments(cpu, "cpu") == {}
+
+    dpo = _recipe(method="dpo", data={"train": "x.jsonl", "format": "preference"})
+    resolve(dpo, "cpu")
+    assert dpo.speed.padding_free is False  # only sft/cpt batches are flattened
+
+    config = reference_config("llama-8b")
+    # 8B LoRA, 4 x 2048 tokens: 89 GiB planned without checkpointing, so padded batches of the worst case need it;
+    # padding-free batches of real instruction data (a few hundred tokens each) fit an 80 GB GPU without it.
+    padded = _recipe(train={"batch_size": 4, "max_length": 2048}, speed={"padding_free": False})
+    resolve(padded, "cuda", config, gpu_memory_gib=80.0, lengths=[2048] * 4 + [300] * 100)
+    assert padded.train.gradient_checkpointing is True
+    roomy = _recipe(train={"batch_size": 4, "max_length": 2048})
+    reasons = resolve(roomy, "cuda", config, gpu_memory_gib=80.0, lengths=[2048] + [300] * 100)
+    assert roomy.train.gradient_checkpointing is False and roomy.speed.fused_optimizer is True
+    assert "1 x 2948 tokens" in reasons["gradient_checkpointing"]  # the four longest examples, end to end
+    assert training_arguments(roomy, "cuda")["optim"] == "adamw_torch_fused"
+
+    tight = _recipe(train={"batch_size": 4, "max_length": 2048})
+    reasons = resolve(tight, "cuda", config, gpu_memory_gib=24.0)
+    assert tight.train.gradient_checkpointing is True and tight.speed.checkpoint_every == 1
+    assert "budget" in reasons["gradient_checkpointing"]
+
+    # between the two: checkpoint every second layer, passed to transformers as every_n_layers
+    from tuneforge.guide.plan import plan_memory
+
+    on = plan_memory(config, adapter="lora", batch_size=4, seq_len=2048, gradient_checkpointing=True)["reserved_gib"]
+    off = plan_memory(config, adapter="lora", batch_size=4, seq_len=2048, gradient_checkpointing=False)["reserved_gib"]
+    middle = _recipe(train={"batch_size": 4, "max_length": 2048}, speed={"memory_fraction": 1.0})
+    resolve(middle, "cuda", config, gpu_memory_gib=(on + (off - on) / 2 + off) / 2)
+    assert middle.train.gradient_checkpointing is True and middle.speed.checkpoint_every == 2
+    assert training_arguments(middle, "cuda")["activation_checkpointing_kwargs"]["every_n_layers"] == 2
+
+    explicit = _recipe(train={"gradient_checkpointing": True}, speed={"liger": False, "padding_free": False})
+    resolve(explicit, "cuda", config, gpu_memory_gib=80.0)
+    assert explicit.train.gradient_checkpointing is True and explicit.speed.liger is False  # what the user set stays
+    assert explicit.speed.padding_free is False
