@@ -251,6 +251,9 @@ def make_plots(data: RunData, plots_dir: Path) -> dict[str, Path]:
     comparison = (data.forgetting or {}).get("comparison")
     if comparison and (comparison.get("scores") or comparison.get("per_subject")):
         out["forgetting"] = _save(_forgetting_figure(comparison), plots_dir / "forgetting.png")
+    from tuneforge.report_rl import rl_plots
+
+    out.update(rl_plots(data, plots_dir))  # reward, KL, entropy, value loss when RL logged them
     return out
 
 
@@ -703,8 +706,11 @@ def _header(data: RunData) -> str:
 
 
 def render_html(data: RunData, plots: dict[str, Path]) -> str:
+    from tuneforge.report_rl import rl_section
+
     sections = [
-        _headline(data), _results_section(data), _plots_section(plots), _forgetting_section(data, plots),
+        _headline(data), _results_section(data), rl_section(data, plots),
+        _plots_section({k: v for k, v in plots.items() if k != "rl"}), _forgetting_section(data, plots),
         _judge_section(data), _early_stopping_section(data), _contamination_section(data), _samples_section(data),
         _data_section(data), _environment_section(data),
     ]

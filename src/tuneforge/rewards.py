@@ -315,15 +315,14 @@ def load_custom_reward(path: str | Path, function_name: str, *, key: str = "rl.r
         problems.append("it has no `completions` parameter")
     if "prompts" not in names and not var_keyword:
         problems.append("it has no `prompts` parameter and no **kwargs")
-    extra = [n for n in required if n not in fixed]
-    if extra:
-        problems.append(f"it requires {', '.join(extra)}, which are not reward inputs (data columns arrive only "
-                        f"through **kwargs or keyword parameters with defaults)")
     if problems:
         actual = f"{function_name}{inspect.signature(function)}"
         raise RecipeError([f"{where}: wrong signature {actual}: {'; '.join(problems)}. A reward function is "
                            f"`def {function_name}(prompts, completions, **kwargs) -> list[float]` (one number per "
                            f"completion; data columns such as `answer` arrive in kwargs)"])
+    # other required parameters must be data columns: checked against the data by probe_rewards
+    function._tuneforge_required = [n for n in required if n not in fixed]
+    function._tuneforge_where = where
     return function
 
 
@@ -438,6 +437,15 @@ def probe_rewards(rewards: list[Reward], example: dict) -> None:
     text = str(example.get("reference") or example.get("answer") or "")
     completion = [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
     columns = {k: [v] for k, v in example.items() if k != "prompt"}
+    problems = []
+    for reward in rewards:
+        missing = [n for n in getattr(reward.extra.get("raw"), "_tuneforge_required", []) if n not in columns]
+        if missing:
+            problems.append(f"{reward.extra['raw']._tuneforge_where}: it requires {', '.join(missing)}, which the data "
+                            f"does not have (columns: {', '.join(columns) or '(none)'}); add the field(s) to every "
+                            f"example or give the parameter(s) a default")
+    if problems:
+        raise RecipeError(problems)
     for reward in rewards:
         reward.function([prompt], [completion], **columns)
 
