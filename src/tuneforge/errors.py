@@ -43,3 +43,21 @@ class ModelError(TuneforgeError):
 
 class RunDirError(TuneforgeError):
     """A run directory exists and would be overwritten, or is not a tuneforge run directory."""
+
+
+class DiskFullError(TuneforgeError):
+    """The disk filled up while a checkpoint or the run's files were written (checkpoints.py)."""
+
+    exit_code = 4
+
+
+class OutOfMemory(TuneforgeError):
+    """The device ran out of memory; the message carries the step and the memory plan's advice (guards.py)."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, *, where: str | None = None, fix: str | None = None, step: int | None = None,
+                 phase: str = "training"):
+        self.step = step
+        self.phase = phase
+        super().__init__(message, where=where, fix=fix)
