@@ -58,7 +58,7 @@ def _check_messages(messages, where: str, field: str, *, content_key: str = "con
         if not isinstance(message, dict):
             raise DataError(f"`{field}[{i}]` must be an object with role and content", where=where)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list/dict role is unhashable: check the type first
             raise DataError(f"`{field}[{i}].role` is {role!r}: unknown role", where=where,
                             fix=f"use one of {sorted(ROLES)}")
         content = message.get("content")
@@ -88,7 +88,7 @@ def to_canonical(record: Record, fmt: str) -> dict:
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict) or "from" not in turn:
                 raise DataError(f"`conversations[{i}]` needs `from` and `value`", where=where)
-            role = SHAREGPT_ROLES.get(turn["from"])
+            role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
             if role is None:
                 raise DataError(f"`conversations[{i}].from` is {turn['from']!r}: unknown role", where=where,
                                 fix=f"use one of {sorted(SHAREGPT_ROLES)}")

@@ -52,6 +52,9 @@ def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", where=where,
                                 fix="each line must be one complete JSON object") from None
+            except RecursionError:  # json gives up on very deep nesting with RecursionError, not a decode error
+                raise DataError("JSON nested too deeply to read", where=where,
+                                fix="each line must be one JSON object of messages or fields") from None
             if not isinstance(value, dict):
                 raise DataError(f"expected a JSON object, got {type(value).__name__}", where=where,
                                 fix='each line must look like {"messages": [...]} or {"prompt": ..., "completion": ...}')
@@ -68,6 +71,8 @@ def _read_json(path: Path, limit: int | None) -> list[Record]:
         raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"malformed JSON: {exc.msg}", where=f"{path}:{exc.lineno}", fix="fix the JSON syntax") from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read", where=str(path), fix="fix the JSON structure") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
@@ -84,15 +89,22 @@ def _read_csv(path: Path, limit: int | None) -> list[Record]:
     import csv
 
     records = []
+    csv.field_size_limit(2**31 - 1)  # a long example is data, not an error (the default limit is 128 KiB)
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             for row in reader:
+                if None in row:  # more cells than the header has columns
+                    raise DataError(f"{len(reader.fieldnames or []) + len(row[None])} cells, but the header has "
+                                    f"{len(reader.fieldnames or [])} columns", where=f"{path}:{reader.line_num}",
+                                    fix="quote cells that contain commas, or fix the header")
                 records.append(Record(dict(row), f"{path}:{reader.line_num}"))
                 if limit and len(records) >= limit:
                     break
     except UnicodeDecodeError:
         raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
+    except csv.Error as exc:
+        raise DataError(f"malformed CSV: {exc}", where=str(path), fix="check quoting and line endings") from None
     return records
 
 
