@@ -199,3 +199,12 @@ def test_grpo_toy_run_on_the_embedded_model(tmp_path):
     assert math.isfinite(row["loss"]) and "rewards/exact_answer/mean" in row
     assert "held-out reward (start)" in proc.stdout and "held-out reward (tuned)" in proc.stdout
     assert (out / "report.html").exists()
+
+
+def test_a_policy_cannot_start_from_a_reward_run(reward_run):
+    from tuneforge.train_rl import check_start_adapter
+
+    recipe = parse_recipe({"name": "x", "method": "ppo", "data": {"train": "t.jsonl"}, "train": {"batch_size": 4},
+                           "model": {"adapter": str(reward_run)}, "rl": {"reward_model": str(reward_run)}})
+    with pytest.raises(RecipeError, match="model.adapter.*is a reward model"):
+        check_start_adapter(recipe)

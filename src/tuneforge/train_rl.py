@@ -45,6 +45,7 @@ def train_rl(recipe, *, output: str | None = None, overwrite: bool = False, cons
     elif path.exists() and any(path.iterdir()) and not overwrite:
         raise RunDirError(f"run directory {path} already exists",
                           fix="pass --overwrite to replace it, --resume to continue it, or --output DIR for a new one")
+    check_start_adapter(recipe)
     quiet_transformers()
     device = pick_device()
     tokenizer = load_tokenizer(recipe.model.name, chat_template=recipe.model.chat_template,
@@ -86,6 +87,27 @@ def train_rl(recipe, *, output: str | None = None, overwrite: bool = False, cons
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
+
+
+def check_start_adapter(recipe) -> None:
+    """model.adapter of a policy method must be a policy (e.g. the SFT stage), not a reward model's head: in
+    stages [sft, reward, ppo] the ppo stage would otherwise start from the reward stage."""
+    from tuneforge.errors import RecipeError
+
+    if not recipe.model.adapter or recipe.method in ("reward",):
+        return
+    folder = Path(recipe.model.adapter)
+    if (folder / "recipe.yaml").is_file():
+        import yaml
+
+        try:
+            method = (yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("method")
+        except (OSError, yaml.YAMLError):
+            method = None
+        if method == "reward":
+            raise RecipeError([f"`model.adapter`: {folder} is a reward model (method: reward), not a policy to start "
+                               f"{recipe.method} from; set model.adapter to the SFT run (e.g. the sft stage's folder) "
+                               f"and give the reward run as rl.reward_model"])
 
 
 def prepare_rl_data(recipe, tokenizer):

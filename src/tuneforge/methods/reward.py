@@ -164,8 +164,10 @@ def load_reward_model(path: str, *, device: str | None = None, where: str = "rl.
         if (folder / "adapter" / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            base = load_reward_base(recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"type": "lora"})})
-                                    if recipe.adapter.type == "qlora" else recipe, "cpu")
+            base_recipe = recipe.model_copy(deep=True)
+            if base_recipe.adapter.type == "qlora":  # a judge is loaded unquantised, the adapter merged into it
+                base_recipe.adapter.type = "lora"
+            base = load_reward_base(base_recipe, "cpu")
             model = PeftModel.from_pretrained(base, str(folder / "adapter")).merge_and_unload()
             tokenizer = load_tokenizer(str(folder / "adapter"))
         elif (folder / "model" / "config.json").is_file():
