@@ -208,3 +208,14 @@ def test_a_policy_cannot_start_from_a_reward_run(reward_run):
                            "model": {"adapter": str(reward_run)}, "rl": {"reward_model": str(reward_run)}})
     with pytest.raises(RecipeError, match="model.adapter.*is a reward model"):
         check_start_adapter(recipe)
+
+
+def test_doctor_flags_rl_pitfalls():
+    from tuneforge.guide.doctor import run_doctor
+
+    recipe = parse_recipe({"name": "x", "method": "grpo", "model": "some-org/base-model", "data": {"train": "t.jsonl"},
+                           "train": {"batch_size": 4}, "rl": {"kl_coef": 0, "num_generations": 2,
+                                                               "rewards": [{"name": "exact_answer"}]}})
+    codes = {f.code for f in run_doctor(recipe, tokenizer=None, data=None, model_config=None,
+                                        device_info={"type": "cpu", "name": "CPU", "bf16": False, "count": 1})}
+    assert {"rl-no-kl", "rl-small-group", "dpo-without-sft"} <= codes
