@@ -162,6 +162,25 @@ def test_disk_full_during_save_is_a_clear_error_and_the_run_resumes(tmp_path, ti
     assert run.status == "completed" and sorted(_losses(out)) == [1, 2, 3, 4, 5, 6]
 
 
+def test_disk_full_while_saving_the_final_weights(tmp_path, tiny_model_dir, small_sft_file, monkeypatch):
+    from transformers import Trainer
+
+    from tuneforge.errors import DiskFullError
+
+    original = Trainer.save_model
+
+    def full_disk(self, output_dir=None, _internal_call=False):
+        if output_dir and Path(output_dir).name == "adapter":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(Trainer, "save_model", full_disk)
+    with pytest.raises(DiskFullError, match="disk full while writing the run's files") as caught:
+        _train(_raw(tiny_model_dir, small_sft_file, max_steps=2), tmp_path / "run")
+    assert "--resume" in caught.value.fix
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+
+
 def test_disk_full_recognised_without_errno():
     """torch.save reports a full disk as a failed write without errno; safetensors as an OS error 28 message."""
     from tuneforge.checkpoints import is_disk_full

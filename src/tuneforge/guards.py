@@ -234,7 +234,8 @@ def _planned_gib(recipe, changes: list[dict]):
 def train_with_oom_retry(attempt, recipe, run, checkpoint, console):
     """Run `attempt(recipe, checkpoint)`; on OutOfMemory with train.oom_retry, halve train.batch_size, double
     train.grad_accum (the effective batch stays), save that in the run's recipe.yaml and continue from the newest
-    complete checkpoint (or from the start). Stops retrying at batch_size 1."""
+    complete checkpoint (or from the start). Stops retrying at batch_size 1. An OOM outside the steps becomes
+    OutOfMemory with advice, and a full disk outside checkpoint saves (final weights, eval files) DiskFullError."""
     from tuneforge.recipe import recipe_to_yaml
 
     from tuneforge.distributed import is_launched
@@ -250,10 +251,17 @@ def train_with_oom_retry(attempt, recipe, run, checkpoint, console):
                 raise
             step = exc.step
             exc.__traceback__ = None  # let the failed attempt's model and activations go
+        except TuneforgeError:
+            raise
         except Exception as exc:  # noqa: BLE001 -- an OOM outside a step (loading, scoring): advice, no retry
-            if not is_oom(exc):
+            from tuneforge.checkpoints import is_disk_full
+
+            full = is_disk_full(exc, run.path)
+            if not full and not is_oom(exc):
                 raise
             detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        if detail is not None and full:  # the final weights, a report, an eval file (checkpoints have their own)
+            raise _disk_full(run, detail)
         if detail is not None:
             raise out_of_memory(recipe, step=None, phase="outside the training steps (loading or scoring)",
                                 detail=detail)
@@ -279,6 +287,16 @@ def train_with_oom_retry(attempt, recipe, run, checkpoint, console):
         console.print(f"[yellow]out of memory at step {step}[/] with micro-batch {old[0]} x grad_accum {old[1]}; "
                       f"retrying with {t.batch_size} x {t.grad_accum} (same effective batch) from "
                       f"{checkpoint.name if checkpoint else 'the start'}")
+
+
+def _disk_full(run, detail: str):
+    from tuneforge.checkpoints import _gib, free_bytes
+    from tuneforge.errors import DiskFullError
+
+    return DiskFullError(f"disk full while writing the run's files ({detail}); {_gib(free_bytes(run.path))} free there; "
+                         f"checkpoints already written are intact", where=str(run.path),
+                         fix=f"free space on that disk (or move the run elsewhere), then: tuneforge train --resume "
+                         f"{run.path} (continues from the newest checkpoint; set train.save_every to have one)")
 
 
 def smaller_batch(batch_size: int) -> int:
