@@ -345,12 +345,13 @@ def test_more_nonfinite_batches_than_allowed_stops_naming_the_steps(tmp_path, ti
                                                                     monkeypatch, capsys):
     _nan_loss_at(monkeypatch, {3, 5})
     out = tmp_path / "run"
-    raw = _raw(tiny_model_dir, small_sft_file, skip_nonfinite_batches=1)
+    raw = _raw(tiny_model_dir, small_sft_file, skip_nonfinite_batches=1, save_every=1)
     code, err = _cli(monkeypatch, capsys, "train", str(_write(tmp_path, raw)), "--output", str(out), "--no-doctor")
     assert code == 3, err
     assert "at step 5" in err and "steps [3, 5]" in err and "train.skip_nonfinite_batches=1" in err
+    assert f"last good checkpoint: {out / 'checkpoints' / 'checkpoint-4'}" in err
     assert "lower train.lr" in err and "Traceback" not in err
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and status["skipped_nonfinite_steps"] == [3, 5]
-    assert not (out / "checkpoints" / "checkpoint-6").exists()  # nothing saved after the fault
+    assert not (out / "checkpoints" / "checkpoint-5").exists()  # nothing saved after the fault
     _assert_loadable(out / "checkpoints" / "checkpoint-4", 4)

@@ -73,6 +73,11 @@ class NumericalGuard(TrainerCallback):
             print(f"step {step}: gradients NaN/inf, step skipped ({len(self.skipped)} of at most {self.max_skips}: "
                   f"train.skip_nonfinite_batches)", flush=True)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.fault:  # after the Trainer's own flow callback, which may have asked for a save at this step
+            control.should_save = False
+            control.should_training_stop = True
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.fault:
             return
@@ -87,7 +92,9 @@ class NumericalGuard(TrainerCallback):
 
     def raise_if_faulted(self, run) -> None:
         if self.fault:
-            checkpoints = sorted((run.path / "checkpoints").glob("checkpoint-*"))
+            from tuneforge.checkpoints import complete_checkpoints
+
+            checkpoints = complete_checkpoints(run.path / "checkpoints")  # by step number, complete ones only
             kept = f"last good checkpoint: {checkpoints[-1]}" if checkpoints else "no checkpoint was written before it"
             raise NumericalFault(
                 f"{self.fault}; training stopped ({kept})",
