@@ -213,7 +213,7 @@ def _train_rl_in(run: RunDir, recipe, tokenizer, data, device: str, console, che
     trainer = get_method(method)(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks)
     trainer.remove_callback(PrinterCallback)
     base_loss = None
-    if method in ("reward", "gkd") and eval_dataset is not None and checkpoint is None:
+    if method == "gkd" and eval_dataset is not None and checkpoint is None:  # reward: pairwise accuracy says it
         base_loss = trainer.evaluate()["eval_loss"]
         run.set_status("running", base_eval_loss=base_loss)
     started = time.time()
@@ -239,7 +239,7 @@ def _train_rl_in(run: RunDir, recipe, tokenizer, data, device: str, console, che
         tokenizer.save_pretrained(str(weights))
         if method != "reward":
             policy.generation_config.save_pretrained(str(weights))
-    tuned_loss = trainer.evaluate()["eval_loss"] if method in ("reward", "gkd") and eval_dataset is not None else None
+    tuned_loss = trainer.evaluate()["eval_loss"] if method == "gkd" and eval_dataset is not None else None
     if tuned_loss is not None:
         run.append_metrics({"step": trainer.state.global_step, "eval_loss": tuned_loss, "final": True})
 
