@@ -79,7 +79,7 @@ def test_auto_levers_resolve_per_device():
     cpu = _recipe()
     reasons = resolve(cpu, "cpu")
     assert cpu.speed.padding_free is True and cpu.speed.liger is False and cpu.speed.fused_optimizer is False
-    assert cpu.train.gradient_checkpointing is False and "CPU" in reasons["gradient_checkpointing"]
+    assert cpu.train.gradient_checkpointing is False and "CPU" in reasons["layout"]
     assert cpu.speed.attention == "sdpa"
     assert training_arguments(cpu, "cpu") == {}
 
@@ -96,20 +96,22 @@ def test_auto_levers_resolve_per_device():
     roomy = _recipe(train={"batch_size": 4, "max_length": 2048})
     reasons = resolve(roomy, "cuda", config, gpu_memory_gib=80.0, lengths=[2048] + [300] * 100)
     assert roomy.train.gradient_checkpointing is False and roomy.speed.fused_optimizer is True
-    assert "1 x 2948 tokens" in reasons["gradient_checkpointing"]  # the four longest examples, end to end
+    assert roomy.speed.fold_accumulation is False  # 16 of these examples in one micro-batch would not fit
+    assert "1 x 2948 tokens" in reasons["layout"]  # the four longest examples, end to end
     assert training_arguments(roomy, "cuda")["optim"] == "adamw_torch_fused"
 
     tight = _recipe(train={"batch_size": 4, "max_length": 2048})
     reasons = resolve(tight, "cuda", config, gpu_memory_gib=24.0)
     assert tight.train.gradient_checkpointing is True and tight.speed.checkpoint_every == 1
-    assert "budget" in reasons["gradient_checkpointing"]
+    assert tight.train.batch_size == 4 and tight.train.grad_accum == 4  # nothing merged when memory is tight
+    assert "budget" in reasons["layout"]
 
     # between the two: checkpoint every second layer, passed to transformers as every_n_layers
     from tuneforge.guide.plan import plan_memory
 
     on = plan_memory(config, adapter="lora", batch_size=4, seq_len=2048, gradient_checkpointing=True)["reserved_gib"]
     off = plan_memory(config, adapter="lora", batch_size=4, seq_len=2048, gradient_checkpointing=False)["reserved_gib"]
-    middle = _recipe(train={"batch_size": 4, "max_length": 2048}, speed={"memory_fraction": 1.0})
+    middle = _recipe(train={"batch_size": 4, "max_length": 2048}, speed={"memory_fraction": 1.0, "fold_accumulation": False})
     resolve(middle, "cuda", config, gpu_memory_gib=(on + (off - on) / 2 + off) / 2)
     assert middle.train.gradient_checkpointing is True and middle.speed.checkpoint_every == 2
     assert training_arguments(middle, "cuda")["activation_checkpointing_kwargs"]["every_n_layers"] == 2
@@ -118,3 +120,49 @@ def test_auto_levers_resolve_per_device():
     resolve(explicit, "cuda", config, gpu_memory_gib=80.0)
     assert explicit.train.gradient_checkpointing is True and explicit.speed.liger is False  # what the user set stays
     assert explicit.speed.padding_free is False
+
+
+def test_small_model_merges_accumulation_into_one_micro_batch():
+    from tuneforge.guide.plan import reference_config
+    from tuneforge.speed import resolve
+
+    recipe = _recipe(train={"batch_size": 8, "grad_accum": 2, "max_length": 2048})
+    reasons = resolve(recipe, "cuda", reference_config("llama-1b"), gpu_memory_gib=80.0, lengths=[400] * 500)
+    assert (recipe.train.batch_size, recipe.train.grad_accum) == (16, 1)  # same 16 examples per optimizer step
+    assert recipe.speed.fold_accumulation is True and recipe.train.gradient_checkpointing is False
+    assert "micro-batch 16 x 1" in reasons["layout"]
+    kept = _recipe(train={"batch_size": 8, "grad_accum": 2}, speed={"fold_accumulation": False})
+    resolve(kept, "cuda", reference_config("llama-1b"), gpu_memory_gib=80.0, lengths=[400] * 500)
+    assert (kept.train.batch_size, kept.train.grad_accum) == (8, 2)
+    cpu = _recipe(train={"batch_size": 8, "grad_accum": 2})
+    resolve(cpu, "cpu")
+    assert (cpu.train.batch_size, cpu.train.grad_accum) == (8, 2) and cpu.speed.fold_accumulation is False
+
+
+def test_merged_micro_batch_gives_the_accumulated_losses(tmp_path, tiny_model_dir, small_sft_file):
+    """What fold_accumulation does (batch 4 x accumulation 2 -> batch 8 x 1) trains the same: per-step losses and
+    gradient norms match."""
+    _, accumulated = run_steps(tmp_path, tiny_model_dir, small_sft_file, "accum", speed={"fold_accumulation": False})
+    _, merged = run_steps(tmp_path, tiny_model_dir, small_sft_file, "merged", speed={"fold_accumulation": False},
+                          train_section={"batch_size": 8, "grad_accum": 1})
+    assert_same_steps(accumulated, merged)
+
+
+def test_flop_count_taken_once_is_the_same_count(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from tuneforge.speed import reduce_trainer_overhead
+
+    class FakeTrainer:  # only what floating_point_ops reads
+        def __init__(self, model):
+            self.model = model
+
+        floating_point_ops = Trainer.floating_point_ops
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = FakeTrainer(model)
+    inputs = {"input_ids": torch.ones(3, 17, dtype=torch.long)}
+    before = trainer.floating_point_ops(inputs)
+    reduce_trainer_overhead(trainer)
+    assert trainer.floating_point_ops(inputs) == before > 0

@@ -301,6 +301,9 @@ class SpeedSection(_Section):
         "auto", description="Fused AdamW kernel (adamw_torch -> adamw_torch_fused). auto = on with CUDA.")
     attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = Field(
         "auto", description="Attention kernel: auto = flash_attention_2 where flash-attn is installed on CUDA, else sdpa.")
+    fold_accumulation: bool | Literal["auto"] = Field(
+        "auto", description="Merge the grad_accum micro-batches of a step into one (same examples per step, same loss) "
+        "when the memory plan fits it. auto = on a GPU when it fits; the saved recipe shows the batch_size/grad_accum run.")
     compile: bool = Field(False, description="torch.compile the model (slow start; pays on long runs with static shapes).")
     memory_fraction: float = Field(
         0.85, gt=0.1, le=1.0, description="Share of GPU memory the memory plan may fill when train.gradient_checkpointing "

@@ -237,6 +237,9 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         callbacks.append(plateau)
     trainer = build(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
+    from tuneforge.speed import reduce_trainer_overhead
+
+    reduce_trainer_overhead(trainer)
     from tuneforge.checkpoints import install_checkpointing
     from tuneforge.guards import install_step_guards
 

@@ -9,9 +9,12 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
   liger            Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA, where liger-kernel is installed.
                    TRL already computes the loss through a chunked LM head that never materialises full logits.
   fused_optimizer  AdamW as one fused kernel per step (adamw_torch -> adamw_torch_fused) on CUDA.
-  checkpointing    train.gradient_checkpointing: auto -> the memory plan (guide/plan.py) picks no checkpointing when
-                   the run fits in the GPU's memory budget (speed.memory_fraction), else checkpointing every second
-                   layer if that fits, else every layer.
+  layout           train.gradient_checkpointing: auto and speed.fold_accumulation: auto -> the memory plan
+                   (guide/plan.py), sized for the largest micro-batch the data can make, picks the fastest layout that
+                   fits speed.memory_fraction of the GPU: accumulation micro-batches merged into one (same examples per
+                   optimizer step; a small model's step is otherwise bound by Python and kernel-launch overhead),
+                   then no checkpointing, then checkpointing every 2nd layer, then every layer.
+  trainer overhead the Trainer counts FLOPs by walking every parameter each micro-batch; counted once here.
   attention        auto = flash_attention_2 where flash-attn is installed on CUDA, else PyTorch sdpa.
 
 `resolve(recipe, device, model_config)` turns every `auto` into a decision (written into the saved recipe, so
@@ -58,55 +61,71 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
     if s.attention == "auto":
         s.attention = "flash_attention_2" if cuda and flash_attention_available() else "sdpa"
         reasons["attention"] = s.attention
-    if recipe.train.gradient_checkpointing == "auto":
-        choice, why = choose_checkpointing(recipe, device, model_config, gpu_memory_gib, lengths)
-        recipe.train.gradient_checkpointing = choice > 0
-        s.checkpoint_every = choice or 1
-        reasons["gradient_checkpointing"] = why
+    if recipe.train.gradient_checkpointing == "auto" or s.fold_accumulation == "auto":
+        fold, gc, why = choose_layout(recipe, device, model_config, gpu_memory_gib, lengths)
+        if recipe.train.gradient_checkpointing == "auto":
+            recipe.train.gradient_checkpointing = gc > 0
+            s.checkpoint_every = gc or 1
+        if s.fold_accumulation == "auto":
+            s.fold_accumulation = fold > 1
+            if fold > 1:  # same examples per optimizer step; transformers normalises the loss by the step's tokens
+                recipe.train.batch_size *= fold
+                recipe.train.grad_accum //= fold
+        reasons["layout"] = why
     return reasons
 
 
-def largest_micro_batch(recipe, lengths: list[int] | None) -> tuple[int, int]:
+def largest_micro_batch(recipe, lengths: list[int] | None, batch_size: int | None = None) -> tuple[int, int]:
     """(rows, tokens per row) of the largest micro-batch the data can make: padding-free batches hold the real
     tokens of the batch_size longest examples at worst; padded ones batch_size x the longest example."""
     t = recipe.train
+    batch_size = batch_size or t.batch_size
     if not lengths:
-        return t.batch_size, t.max_length
-    longest = sorted(lengths, reverse=True)[: t.batch_size]
+        return batch_size, t.max_length
+    longest = sorted(lengths, reverse=True)[:batch_size]
     if recipe.speed.padding_free is True and not t.packing:
         return 1, sum(longest)
-    return t.batch_size, (t.max_length if t.packing else longest[0])
+    return batch_size, (t.max_length if t.packing else longest[0])
 
 
-def choose_checkpointing(recipe, device: str, model_config, gpu_memory_gib: float | None,
-                         lengths: list[int] | None = None) -> tuple[int, str]:
-    """0 = no checkpointing, n = checkpoint every n-th layer: the fastest setting the memory plan fits into
-    speed.memory_fraction of the GPU for the largest micro-batch the data can make (every layer when nothing is
-    known). CPU: none (memory is rarely the limit and recomputation costs ~30%)."""
+def choose_layout(recipe, device: str, model_config, gpu_memory_gib: float | None,
+                  lengths: list[int] | None = None) -> tuple[int, int, str]:
+    """(fold, checkpoint_every, why): the fastest layout the memory plan fits into speed.memory_fraction of the GPU
+    for the largest micro-batch the data can make. fold = how many accumulation micro-batches are merged into one
+    (same examples per optimizer step, same loss: fewer, larger kernels; a small model's step is otherwise bound by
+    Python and kernel-launch overhead); checkpoint_every = 0 none, n = every n-th layer. Tried from fastest: merged
+    without checkpointing, unmerged without, then every 2nd layer, then every layer. CPU: (1, 0)."""
+    t = recipe.train
+    auto_gc = t.gradient_checkpointing == "auto"
+    auto_fold = recipe.speed.fold_accumulation == "auto" and t.grad_accum > 1
     if device != "cuda":
-        return 0, "off on CPU"
+        return 1, 0, "CPU: no checkpointing, micro-batches as written"
     if model_config is None or gpu_memory_gib is None:
-        return 1, "on (no memory plan for this model)"
+        return 1, 1, "no memory plan for this model: checkpointing every layer, micro-batches as written"
     from tuneforge.guide.plan import plan_memory
 
     budget = recipe.speed.memory_fraction * gpu_memory_gib
-    t, a = recipe.train, recipe.adapter
-    rows, row_tokens = largest_micro_batch(recipe, lengths)
-    settings = dict(adapter="full" if a.type == "none" else a.type, seq_len=row_tokens, batch_size=rows,
-                    optimizer=t.optimizer, lora_r=a.r, target_modules=a.target_modules, lora_dropout=a.dropout,
-                    quant_bits=recipe.quant.bits, double_quant=recipe.quant.double_quant)
-    try:
-        off = plan_memory(model_config, gradient_checkpointing=False, **settings)["reserved_gib"]
-        on = plan_memory(model_config, gradient_checkpointing=True, **settings)["reserved_gib"]
-    except Exception as exc:  # an architecture the plan does not know: the safe choice
-        return 1, f"on (memory plan unavailable: {exc})"
-    half = on + (off - on) / 2  # every second layer keeps its activations
-    batch = f"largest micro-batch {rows} x {row_tokens} tokens"
-    if off <= budget:
-        return 0, f"off: plan {off:.1f} GiB <= {budget:.1f} GiB budget ({batch})"
-    if half <= budget:
-        return 2, f"every 2nd layer: plan {half:.1f} GiB (none: {off:.1f}) <= {budget:.1f} GiB budget ({batch})"
-    return 1, f"every layer: plan without it {off:.1f} GiB > {budget:.1f} GiB budget ({batch})"
+    a = recipe.adapter
+    folds = [t.grad_accum, 1] if auto_fold else [1]
+    gcs = [0, 2, 1] if auto_gc else [1 if t.gradient_checkpointing else 0]
+    for gc in gcs:
+        for fold in folds:
+            rows, row_tokens = largest_micro_batch(recipe, lengths, t.batch_size * fold)
+            settings = dict(adapter="full" if a.type == "none" else a.type, seq_len=row_tokens, batch_size=rows,
+                            optimizer=t.optimizer, lora_r=a.r, target_modules=a.target_modules, lora_dropout=a.dropout,
+                            quant_bits=recipe.quant.bits, double_quant=recipe.quant.double_quant)
+            try:
+                off = plan_memory(model_config, gradient_checkpointing=False, **settings)["reserved_gib"]
+                on = plan_memory(model_config, gradient_checkpointing=True, **settings)["reserved_gib"]
+            except Exception as exc:  # an architecture the plan does not know: the safe choice
+                return 1, 1, f"memory plan unavailable ({exc}): checkpointing every layer"
+            need = {0: off, 2: on + (off - on) / 2, 1: on}[gc]  # every 2nd layer keeps half the activations
+            if need <= budget:
+                what = {0: "no checkpointing", 2: "checkpointing every 2nd layer", 1: "checkpointing every layer"}[gc]
+                return fold, gc, (f"{what}, micro-batch {t.batch_size * fold} x {t.grad_accum // fold} accumulation: "
+                                  f"plan {need:.1f} GiB <= {budget:.1f} GiB budget (largest micro-batch {rows} x "
+                                  f"{row_tokens} tokens)")
+    return 1, gcs[-1] or 0, f"nothing fits the {budget:.1f} GiB budget by the plan; checkpointing as far as it goes"
 
 
 def training_arguments(recipe, device: str) -> dict:
@@ -129,3 +148,19 @@ def sft_arguments(recipe) -> dict:
     if recipe.speed.padding_free is True and not recipe.train.packing:
         return {"padding_free": True, "max_length": None}
     return {}
+
+
+def reduce_trainer_overhead(trainer) -> None:
+    """transformers' Trainer.floating_point_ops (for the logged total_flos) calls model.num_parameters() on every
+    micro-batch, a walk over every parameter (~17 ms a micro-batch for a 1B model on the H100 host, measured with
+    bench/profile_step.py). The count does not change during training: take it once, same formula."""
+    model = trainer.model
+    if not hasattr(model, "num_parameters"):
+        return
+    main_input = getattr(model, "main_input_name", "input_ids")
+    parameters = model.num_parameters(exclude_embeddings=True)
+
+    def floating_point_ops(inputs) -> int:
+        return 6 * inputs[main_input].numel() * parameters if main_input in inputs else 0
+
+    trainer.floating_point_ops = floating_point_ops
