@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The distributed path on ONE CUDA GPU: the quickstart recipe launched through accelerate as one process with
-# FSDP2 (world size 1), for full fine-tuning and for LoRA; checks that it trains (loss falls, status completed)
-# and saves an ordinary checkpoint that loads with from_pretrained / PEFT without FSDP. Needs a CUDA machine.
+# The distributed path on ONE CUDA GPU: the quickstart recipe (its data and settings) on a small random-init Llama
+# with a byte tokenizer (written here: the GPU machine has no hub and the embedded model is too big to carry),
+# launched through accelerate as one process with FSDP2 (world size 1), for full fine-tuning and for LoRA; checks
+# that it trains (loss falls, status completed) and saves an ordinary checkpoint that loads with from_pretrained /
+# PEFT without FSDP. Needs a CUDA machine.
 #
 #   bash bench/distributed_one_gpu.sh            # writes bench/results/distributed-one-gpu.txt
 set -euo pipefail
@@ -11,13 +13,27 @@ OUT=${OUT_DIR:-runs/bench-distributed}
 LOG=bench/results/distributed-one-gpu.txt
 mkdir -p "$(dirname "$LOG")" "$OUT"
 : > "$LOG"
+MODEL="$OUT/random-small-llama"
+"$PY" - "$MODEL" <<'PYEOF'
+import sys
+sys.path.insert(0, "bench")
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from plan_vs_measured import byte_tokenizer
+torch.manual_seed(0)
+config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024, tie_word_embeddings=True)
+AutoModelForCausalLM.from_config(config).save_pretrained(sys.argv[1])
+byte_tokenizer().save_pretrained(sys.argv[1])
+PYEOF
+echo "model: random-init Llama (4 layers, hidden 256) + byte tokenizer; $(nvidia-smi --query-gpu=name --format=csv,noheader)" | tee -a "$LOG"
 for adapter in full lora; do
   run="$OUT/fsdp-$adapter"
   echo "== $adapter: tuneforge train recipes/quickstart.yaml --gpus 1 (fsdp, world size 1)" | tee -a "$LOG"
   "$PY" -m tuneforge train recipes/quickstart.yaml --gpus 1 --overwrite --output "$run" \
-    --set distributed.strategy=fsdp --set adapter.type=$adapter \
+    --set model.name="$MODEL" --set distributed.strategy=fsdp --set adapter.type=$adapter --set train.report_to=[] \
     --set eval.max_examples=8 --set eval.few_shot=0 --set eval.forgetting=false 2>&1 | tail -20 | tee -a "$LOG"
-  "$PY" - "$run" "$adapter" <<'PYEOF' 2>&1 | tee -a "$LOG"
+  "$PY" - "$run" "$adapter" "$MODEL" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, sys
 from pathlib import Path
 run, adapter = Path(sys.argv[1]), sys.argv[2]
@@ -35,8 +51,7 @@ if adapter == "full":
     model = AutoModelForCausalLM.from_pretrained(weights)  # an ordinary checkpoint: no FSDP / DTensor left
 else:
     from peft import PeftModel
-    from tuneforge.models import resolve_model_source
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_source("embedded:smollm2-135m-instruct"))
+    base = AutoModelForCausalLM.from_pretrained(sys.argv[3])
     model = PeftModel.from_pretrained(base, weights)
 assert all(type(p.data) is torch.Tensor for p in model.parameters())
 recipe = (run / "recipe.yaml").read_text()

@@ -88,6 +88,18 @@ def largest_micro_batch(recipe, lengths: list[int] | None, batch_size: int | Non
     return batch_size, (t.max_length if t.packing else longest[0])
 
 
+SMALL_MODEL_PARAMETERS = 4e9
+
+
+def _parameters(model_config) -> float:
+    from tuneforge.guide.plan import model_shape
+
+    try:
+        return float(model_shape(model_config).params_total)
+    except Exception:
+        return float("inf")
+
+
 def choose_layout(recipe, device: str, model_config, gpu_memory_gib: float | None,
                   lengths: list[int] | None = None) -> tuple[int, int, str]:
     """(fold, checkpoint_every, why): the fastest layout the memory plan fits into speed.memory_fraction of the GPU
@@ -108,23 +120,27 @@ def choose_layout(recipe, device: str, model_config, gpu_memory_gib: float | Non
     a = recipe.adapter
     folds = [t.grad_accum, 1] if auto_fold else [1]
     gcs = [0, 2, 1] if auto_gc else [1 if t.gradient_checkpointing else 0]
-    for gc in gcs:
-        for fold in folds:
-            rows, row_tokens = largest_micro_batch(recipe, lengths, t.batch_size * fold)
-            settings = dict(adapter="full" if a.type == "none" else a.type, seq_len=row_tokens, batch_size=rows,
-                            optimizer=t.optimizer, lora_r=a.r, target_modules=a.target_modules, lora_dropout=a.dropout,
-                            quant_bits=recipe.quant.bits, double_quant=recipe.quant.double_quant)
-            try:
-                off = plan_memory(model_config, gradient_checkpointing=False, **settings)["reserved_gib"]
-                on = plan_memory(model_config, gradient_checkpointing=True, **settings)["reserved_gib"]
-            except Exception as exc:  # an architecture the plan does not know: the safe choice
-                return 1, 1, f"memory plan unavailable ({exc}): checkpointing every layer"
-            need = {0: off, 2: on + (off - on) / 2, 1: on}[gc]  # every 2nd layer keeps half the activations
-            if need <= budget:
-                what = {0: "no checkpointing", 2: "checkpointing every 2nd layer", 1: "checkpointing every layer"}[gc]
-                return fold, gc, (f"{what}, micro-batch {t.batch_size * fold} x {t.grad_accum // fold} accumulation: "
-                                  f"plan {need:.1f} GiB <= {budget:.1f} GiB budget (largest micro-batch {rows} x "
-                                  f"{row_tokens} tokens)")
+    # A small model's step is bound by Python and kernel launches, not the GPU: one merged micro-batch, even with
+    # recomputation, beats two without (measured, bench/results/*-speed-h100.md). A large one is bound by the GPU,
+    # where recomputation costs a third more work: checkpointing is the last resort there.
+    small = getattr(model_config, "num_hidden_layers", 0) and _parameters(model_config) < SMALL_MODEL_PARAMETERS
+    layouts = [(f, g) for f in folds for g in gcs] if small else [(f, g) for g in gcs for f in folds]
+    for fold, gc in layouts:
+        rows, row_tokens = largest_micro_batch(recipe, lengths, t.batch_size * fold)
+        settings = dict(adapter="full" if a.type == "none" else a.type, seq_len=row_tokens, batch_size=rows,
+                        optimizer=t.optimizer, lora_r=a.r, target_modules=a.target_modules, lora_dropout=a.dropout,
+                        quant_bits=recipe.quant.bits, double_quant=recipe.quant.double_quant)
+        try:
+            off = plan_memory(model_config, gradient_checkpointing=False, **settings)["reserved_gib"]
+            on = plan_memory(model_config, gradient_checkpointing=True, **settings)["reserved_gib"]
+        except Exception as exc:  # an architecture the plan does not know: the safe choice
+            return 1, 1, f"memory plan unavailable ({exc}): checkpointing every layer"
+        need = {0: off, 2: on + (off - on) / 2, 1: on}[gc]  # every 2nd layer keeps half the activations
+        if need <= budget:
+            what = {0: "no checkpointing", 2: "checkpointing every 2nd layer", 1: "checkpointing every layer"}[gc]
+            return fold, gc, (f"{what}, micro-batch {t.batch_size * fold} x {t.grad_accum // fold} accumulation: "
+                              f"plan {need:.1f} GiB <= {budget:.1f} GiB budget (largest micro-batch {rows} x "
+                              f"{row_tokens} tokens)")
     return 1, gcs[-1] or 0, f"nothing fits the {budget:.1f} GiB budget by the plan; checkpointing as far as it goes"
 
 
