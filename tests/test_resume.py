@@ -18,11 +18,11 @@ from conftest import read_metrics, tiny_recipe
 
 
 def _recipe_file(tmp_path, tiny_model_dir, small_sft_file, adapter_type, *, steps=60, save_every=5,
-                 optimizer="adamw_torch"):
+                 optimizer="adamw_torch", **eval_keys):
     recipe = tiny_recipe(tiny_model_dir, small_sft_file, adapter={"type": adapter_type},
                          train={"max_steps": steps, "batch_size": 2, "save_every": save_every, "lr": 1e-3,
                                 "optimizer": optimizer},
-                         eval={"baseline": False, "max_examples": 1, "max_new_tokens": 2})
+                         eval={"baseline": False, "max_examples": 1, "max_new_tokens": 2, **eval_keys})
     path = tmp_path / f"{adapter_type}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -87,19 +87,19 @@ def _assert_same_losses(a, b, last_step):
 
 def test_qlora_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, small_sft_file):
     """QLoRA with the recipe default optimizer (paged 8-bit AdamW): its quantized optimizer state resumes exactly."""
-    recipe = _recipe_file(tmp_path, tiny_model_dir, small_sft_file, "qlora", steps=10, save_every=2,
-                          optimizer="paged_adamw_8bit")
+    recipe = _recipe_file(tmp_path, tiny_model_dir, small_sft_file, "qlora", steps=6, save_every=2,
+                          optimizer="paged_adamw_8bit", forgetting=False)
     cmd = [sys.executable, "-m", "tuneforge", "train", str(recipe), "--no-doctor"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(cmd + ["--output", str(straight)], check=True, capture_output=True, timeout=600)
-    assert _kill_when(cmd + ["--output", str(killed)], killed / "checkpoints" / "checkpoint-4" / "trainer_state.json")
+    assert _kill_when(cmd + ["--output", str(killed)], killed / "checkpoints" / "checkpoint-2" / "trainer_state.json")
     assert '"completed"' not in (killed / "status.json").read_text()
-    assert not (killed / "checkpoints" / "checkpoint-10").exists()
+    assert not (killed / "checkpoints" / "checkpoint-6").exists()
 
     resumed = subprocess.run([sys.executable, "-m", "tuneforge", "train", "--resume", str(killed)],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    _assert_same_losses(_losses(straight), _losses(killed), 10)
+    _assert_same_losses(_losses(straight), _losses(killed), 6)
 
 
 def test_multistage_killed_in_stage_two_resumes_stage_two_only(tmp_path, tiny_model_dir, small_sft_file):
@@ -117,13 +117,13 @@ def test_multistage_killed_in_stage_two_resumes_stage_two_only(tmp_path, tiny_mo
     # No lr anywhere: sft gets 2e-4 and dpo 5e-6 (the defaults); the parent's saved recipe must keep it that way.
     raw["stages"] = [{"name": "sft", "method": "sft"},
                      {"name": "dpo", "method": "dpo", "data": {"train": str(prefs)},
-                      "train": {"max_steps": 10, "save_every": 2, "scheduler": "constant"}}]
+                      "train": {"max_steps": 4, "save_every": 2, "scheduler": "constant"}}]
     recipe = tmp_path / "stages.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "tuneforge", "train", str(recipe), "--no-doctor"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(cmd + ["--output", str(straight)], check=True, capture_output=True, timeout=600)
-    assert _kill_when(cmd + ["--output", str(killed)], killed / "dpo" / "checkpoints" / "checkpoint-4" / "trainer_state.json")
+    assert _kill_when(cmd + ["--output", str(killed)], killed / "dpo" / "checkpoints" / "checkpoint-2" / "trainer_state.json")
     assert json.loads((killed / "sft" / "status.json").read_text())["state"] == "completed"
     assert json.loads((killed / "dpo" / "status.json").read_text())["state"] != "completed"
     sft_files = {p.name: p.read_bytes() for p in (killed / "sft").rglob("*") if p.is_file()}
@@ -137,5 +137,5 @@ def test_multistage_killed_in_stage_two_resumes_stage_two_only(tmp_path, tiny_mo
     from tuneforge.recipe import load_recipe
 
     assert [s.train.lr for s in load_recipe(killed / "recipe.yaml").stage_recipes()] == [2e-4, 5e-6]
-    _assert_same_losses(_losses(straight / "dpo"), _losses(killed / "dpo"), 10)
+    _assert_same_losses(_losses(straight / "dpo"), _losses(killed / "dpo"), 4)
     _assert_same_losses(_losses(straight / "sft"), _losses(killed / "sft"), 2)
