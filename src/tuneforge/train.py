@@ -246,7 +246,10 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     install_checkpointing(trainer, recipe, run, console)  # atomic saves; save_total_limit keeps the best; disk full
     install_step_guards(trainer, recipe, console)  # out of memory -> the step and the memory plan's advice
     if checkpoint is None:
-        base_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+        # Under FSDP2 accelerate must wrap the model together with the optimizer, which evaluate() before train()
+        # would prevent; the base loss is then not measured (the tuned loss and the base generations still are).
+        fsdp = getattr(trainer, "is_fsdp_enabled", False)
+        base_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None and not fsdp else None
         run.set_status("running", base_eval_loss=base_loss)
     else:
         base_loss = (run.read_json("status.json", {}) or {}).get("base_eval_loss")
