@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT_DIR:-runs/bench-distributed}
-LOG=bench/results/distributed-one-gpu.txt
+LOG=${LOG:-bench/results/distributed-one-gpu.txt}
 mkdir -p "$(dirname "$LOG")" "$OUT"
 : > "$LOG"
 MODEL="$OUT/random-small-llama"
