@@ -164,7 +164,8 @@ def test_non_utf8_bytes(tok, junk, at):
     line = 5 if b"\n" not in junk else None  # a newline in the junk splits the line in two
     if not valid_utf8:
         assert_located(error, path, line)
-        assert "UTF-8" in error.message
+        if line is not None:  # split in two, the first half may fail first as JSON
+            assert "UTF-8" in error.message
     elif error is not None:  # valid UTF-8 that broke the JSON or a field: still that line
         assert_located(error, path, line)
 
