@@ -283,6 +283,9 @@ def train_with_oom_retry(attempt, recipe, run, checkpoint, console):
         t = recipe.train
         old = (t.batch_size, t.grad_accum)
         t.grad_accum, t.batch_size = t.grad_accum * (t.batch_size // smaller_batch(t.batch_size)), smaller_batch(t.batch_size)
+        speed = getattr(recipe, "speed", None)
+        if speed is not None and getattr(speed, "fold_accumulation", False) not in (False, None):
+            speed.fold_accumulation = False  # merging the micro-batches back would undo the retry
         retries.append({"step": step, "batch_size": old[0], "grad_accum": old[1],
                         "new_batch_size": t.batch_size, "new_grad_accum": t.grad_accum})
         checkpoint = _newest_checkpoint(run)
