@@ -10,7 +10,7 @@ not finish in time):
   2. throughput: 2 GPUs with the same per-GPU batch as the 1-GPU run (8 x 2 each): real tokens/s ratio.
   3. 8B full fine-tuning with FSDP2 full-shard on the two GPUs, fp32 master weights + AdamW states (does not fit
      one GPU unsharded by the memory plan): finite, falling loss; peak memory per GPU.
-  4. sharded checkpoints: a 1B full fine-tuning FSDP2 run killed (SIGKILL) after its step-4 checkpoint, resumed on
+  4. sharded checkpoints: a 1B full fine-tuning FSDP2 run killed (SIGKILL) after its step-5 checkpoint, resumed on
      2 GPUs, and a copy resumed on 1 GPU (where the engine allows; the outcome is recorded either way).
 Every run goes through `tuneforge train --gpus N` (accelerate launch); nothing here is distributed by hand.
 """
@@ -169,17 +169,19 @@ def main():
             "saved": sorted(p.name for p in (out / "model").iterdir()) if (out / "model").exists() else None}
         d.save()
     if "resume" in parts and d.left() > 150:
-        recipe = d.recipe(model, data, eval_data, "full-resume", max_steps=10, save_every=4, grad_accum=1,
+        for leftover in ("full-big-fsdp", f"random-{args.big_model}"):  # the 8B files would fill the disk
+            shutil.rmtree(d.work / leftover, ignore_errors=True)
+        recipe = d.recipe(model, data, eval_data, "full-resume", max_steps=20, save_every=5, grad_accum=1,
                           gradient_checkpointing=True, lr=1e-5)
         out = d.work / "full-fsdp-killed"
         sets = ["adapter.type=full", "distributed.strategy=fsdp"]
         proc = d.train(recipe, out, 2, sets, background=True)
         deadline = time.time() + min(300, d.left())
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists():
-                time.sleep(2)
+        while time.time() < deadline and proc.poll() is None:  # kill between the step-5 and step-10 checkpoints
+            if (out / "checkpoints" / "checkpoint-5" / "trainer_state.json").exists() and \
+                    max((r["step"] for r in step_rows(out)), default=0) >= 7:
                 break
-            time.sleep(1)
+            time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         killed_at = max((r["step"] for r in step_rows(out)), default=0)
@@ -190,7 +192,7 @@ def main():
                 "checkpoint": sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))}
         part["resume_2gpu"] = d.train(recipe, out, 2, sets, resume=True)
         rows = step_rows(out)
-        part["resume_2gpu"]["steps_after"] = [r["step"] for r in rows if r["step"] > 4]
+        part["resume_2gpu"]["steps_after"] = [r["step"] for r in rows if r["step"] > 5]
         part["resume_2gpu"]["losses"] = [round(r["loss"], 4) for r in rows]
         part["resume_2gpu"]["status"] = json.loads((out / "status.json").read_text()).get("state")
         if d.left() > 60:

@@ -197,3 +197,21 @@ def test_strategy_auto_follows_the_memory_plan(tiny_model_dir, small_sft_file):
     assert distributed.resolve_strategy(r, device="cuda", gpu_memory_gib=80)[0] == "ddp"
     assert distributed.resolve_strategy(r, device="cuda", gpu_memory_gib=0.001)[0] == "fsdp"
     assert distributed.resolve_strategy(r, device="cpu")[0] == "ddp"
+
+
+def test_gpus_n_makes_only_the_first_n_gpus_visible(monkeypatch):
+    """--gpus 1 on a 2-GPU machine: one process that sees one GPU (else the Trainer wraps it in nn.DataParallel,
+    which TRL refuses; found by the two-GPU run)."""
+    import torch
+
+    from tuneforge.distributed import DistributedPlan, child_environment
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    one = child_environment(DistributedPlan(processes=1, device="cuda", strategy="ddp", sharding=None), "/tmp/e", None)
+    assert one["CUDA_VISIBLE_DEVICES"] == "0"
+    both = child_environment(DistributedPlan(processes=2, device="cuda", strategy="ddp", sharding=None), "/tmp/e", None)
+    assert "CUDA_VISIBLE_DEVICES" not in both
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the user's choice is kept
+    assert child_environment(DistributedPlan(processes=1, device="cuda", strategy="ddp", sharding=None), "/tmp/e",
+                             None)["CUDA_VISIBLE_DEVICES"] == "1"

@@ -322,6 +322,13 @@ def child_environment(plan: DistributedPlan, error_dir: str, run_path: str | Non
     env[ENV_STRATEGY] = plan.strategy
     if run_path:
         env[ENV_PREPARED_RUN] = str(Path(run_path).resolve())
+    if plan.device == "cuda" and "CUDA_VISIBLE_DEVICES" not in env:
+        # --gpus N uses the first N GPUs; with more visible, a single process would be wrapped in nn.DataParallel
+        # by the Trainer (TRL refuses that), and N processes would see GPUs they do not use.
+        import torch
+
+        if torch.cuda.device_count() > plan.processes:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(plan.processes))
     if plan.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
         # Each CPU process gets its share of the cores (oversubscribed threads make every process slower).
