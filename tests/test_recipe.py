@@ -284,3 +284,14 @@ def test_cli_bad_set_and_non_utf8_recipe_exit_2_without_traceback(tmp_path):
     bad.write_bytes(b"name: \xff\n")
     result = run_cli("train", str(bad), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "UTF-8" in result.stderr
+
+
+def test_set_indexes_into_stages():
+    """`--set stages.1.train.max_steps=60` (as recipes/qlora-sft-dpo.yaml shows) changes that stage only."""
+    from tuneforge.errors import RecipeError
+    from tuneforge.recipe import load_recipe
+
+    recipe = load_recipe("recipes/qlora-sft-dpo.yaml", ["stages.1.train.max_steps=60"])
+    assert [stage.train.max_steps for stage in recipe.stage_recipes()] == [12, 60]
+    with pytest.raises(RecipeError, match="stages has 2 entries"):
+        load_recipe("recipes/qlora-sft-dpo.yaml", ["stages.5.train.max_steps=60"])

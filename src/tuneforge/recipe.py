@@ -612,12 +612,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError as exc:
             problems.append(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); quote it")
             continue
-        node = data
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
+        node, bad = data, None
+        for depth, key in enumerate(keys[:-1]):
+            if isinstance(node, list):  # stages.1.train.max_steps: a number indexes a list
+                if not key.isdigit() or int(key) >= len(node):
+                    bad = f"--set {item!r}: {'.'.join(keys[:depth])} has {len(node)} entries; use an index below {len(node)}"
+                    break
+                node = node[int(key)]
+                continue
+            if not isinstance(node.get(key), (dict, list)):
                 node[key] = {}
             node = node[key]
-        node[keys[-1]] = value
+        if bad or (isinstance(node, list) and not (keys[-1].isdigit() and int(keys[-1]) < len(node))):
+            problems.append(bad or f"--set {item!r}: {keys[-1]} is not an index of that list")
+            continue
+        if isinstance(node, list):
+            node[int(keys[-1])] = value
+        else:
+            node[keys[-1]] = value
     if problems:
         raise RecipeError(problems)
     return data
