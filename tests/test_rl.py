@@ -109,9 +109,29 @@ def test_online_dpo_takes_steps(tmp_path, tiny_model_dir, prompt_file):
     assert json.loads((run / "eval" / "rewards.json").read_text())["after"]["n"] == 4
 
 
+def _trl_has_ppo() -> bool:
+    from tuneforge.errors import RecipeError
+    from tuneforge.methods.ppo import ppo_classes
+
+    try:
+        ppo_classes()
+        return True
+    except RecipeError:
+        return False
+
+
 def test_ppo_runs_with_a_reward_model_and_bounded_kl(tmp_path, tiny_model_dir, prompt_file, reward_run):
+    """With a TRL that ships PPOTrainer: a few updates, bounded KL. With TRL 1.16 (none): a clear recipe error before
+    any run directory exists."""
+    from tuneforge.errors import RecipeError
+
     data = rl_recipe(tiny_model_dir, prompt_file, "ppo", rl={"reward_model": str(reward_run), "rewards": [],
                                                              "ppo_epochs": 1, "num_mini_batches": 2})
+    if not _trl_has_ppo():
+        with pytest.raises(RecipeError, match="no longer ships.*method: grpo or rloo"):
+            run_recipe(tmp_path, data, "ppo")
+        assert not (tmp_path / "ppo").exists()
+        return
     run = run_recipe(tmp_path, data, "ppo").path
     rows = [r for r in read_metrics(run) if "objective/kl" in r]
     assert len(rows) == 2

@@ -18,8 +18,10 @@ out per PPO update; train.max_steps counts PPO updates (else train.epochs passes
 Logged each update (metrics.jsonl, plotted in the report): objective/scores (mean reward-model score),
 objective/kl, objective/entropy, objective/rlhf_reward, loss/policy_avg, loss/value_avg, policy/clipfrac_avg, ...
 
-The trainer is TRL's PPOTrainer (vendored in methods/trl_ppo: TRL 1.1x removed it). Refused: resume (PPO's own
-loop writes no resumable checkpoints), a reward model whose vocabulary differs from the policy's.
+The trainer is TRL's PPOTrainer, where the installed TRL has it. TRL 1.1x removed it (TRL PR 7020) and tuneforge
+does not carry a copy of another project's trainer, so with TRL 1.16 `method: ppo` stops before the run starts with
+an error that says what to use instead (`ppo_classes`). Refused: resume (PPO's own loop writes no resumable
+checkpoints), a reward model whose vocabulary differs from the policy's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,22 @@ from __future__ import annotations
 from tuneforge.errors import RecipeError
 from tuneforge.methods import register
 from tuneforge.methods.common import common_arguments
+
+
+def ppo_classes():
+    """(PPOConfig, PPOTrainer) from the installed TRL, or a RecipeError on `method` saying what to do instead."""
+    for module in ("trl.experimental.ppo", "trl"):
+        try:
+            imported = __import__(module, fromlist=["PPOConfig", "PPOTrainer"])
+            return imported.PPOConfig, imported.PPOTrainer
+        except (ImportError, AttributeError):
+            continue
+    import trl
+
+    raise RecipeError([f"`method`: ppo needs TRL's PPOTrainer, which TRL {trl.__version__} no longer ships (removed in "
+                       f"TRL 1.1x); tuneforge does not carry a copy of it. Use method: grpo or rloo with rl.rewards: "
+                       f"[{{name: reward_model, options: {{path: <your reward run>}}}}] (on-policy RL against the same "
+                       f"reward model, on trainers TRL ships), or install a TRL that still has PPOTrainer"])
 
 
 def value_model_from(reward_model):
@@ -42,7 +60,7 @@ def value_model_from(reward_model):
 
 def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks):
     from tuneforge.methods.reward import load_reward_model
-    from tuneforge.methods.trl_ppo import PPOConfig, PPOTrainer
+    PPOConfig, PPOTrainer = ppo_classes()
 
     rl = recipe.rl
     reward_model, reward_tokenizer = load_reward_model(rl.reward_model, device=device)
