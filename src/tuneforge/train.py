@@ -37,23 +37,15 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
         return train_stages(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
     from tuneforge.recipe import RL_METHODS
 
-    if recipe.method in RL_METHODS:
-        resolve_speed(recipe, console)  # speed levers and checkpointing for this device (saved with the recipe)  # reward models and RL: their own data, scores and models (train_rl.py)
+    if recipe.method in RL_METHODS:  # reward models and RL: their own data, scores and models (train_rl.py)
+        resolve_speed(recipe, console)  # speed levers and checkpointing for this device (saved with the recipe)
         from tuneforge.train_rl import train_rl
 
         return train_rl(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
-    path = run_path_for(recipe, output)
-    checkpoint = None
-    if resume:
-        checkpoint = resumable_checkpoint(RunDir(path))
-        console.print(f"[bold]resuming[/] {path} from {checkpoint.name}")
-    elif path.exists() and any(path.iterdir()) and not overwrite:
-        raise RunDirError(f"run directory {path} already exists",
-                          fix="pass --overwrite to replace it, --resume to continue it, or --output DIR for a new one")
+    path, checkpoint = target_run(recipe, output, overwrite=overwrite, resume=resume, console=console)
 
     from tuneforge.data.pipeline import prepare_data
     from tuneforge.models import load_tokenizer, pick_device, quiet_transformers
-    from tuneforge.recipe import resolve_path
 
     quiet_transformers()
     device = pick_device()
@@ -73,19 +65,8 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     print_data_summary(console, data.stats)
     resolve_speed(recipe, console, [len(e.input_ids) for e in data.train if hasattr(e, "input_ids")] or None)
     if doctor and not resume:  # preflight checks: errors stop here, before a run directory exists
-        from tuneforge.guide.doctor import doctor_recipe, raise_for_errors, render_findings
-
-        findings = doctor_recipe(recipe, tokenizer=tokenizer, data=data)
-        shown = [f for f in findings if f.severity != "info"]
-        if shown:
-            render_findings(console, shown, title="doctor")
-        raise_for_errors(findings)
-    # The saved recipe names the data files by absolute path, so eval/resume work from any directory.
-    for key in ("train", "eval"):
-        value = getattr(recipe.data, key)
-        resolved = resolve_path(recipe, value)
-        if value and resolved and Path(resolved).exists():
-            setattr(recipe.data, key, str(Path(resolved).resolve()))
+        run_doctor(recipe, tokenizer, data, console)
+    absolute_data_paths(recipe)
 
     run = RunDir(path)
     if resume:
@@ -100,6 +81,41 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
+
+
+def target_run(recipe: Recipe, output: str | None, *, overwrite: bool, resume: bool, console):
+    """(run directory, checkpoint to resume from or None); an existing run is never replaced without --overwrite."""
+    path = run_path_for(recipe, output)
+    if resume:
+        checkpoint = resumable_checkpoint(RunDir(path))
+        console.print(f"[bold]resuming[/] {path} from {checkpoint.name}")
+        return path, checkpoint
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise RunDirError(f"run directory {path} already exists",
+                          fix="pass --overwrite to replace it, --resume to continue it, or --output DIR for a new one")
+    return path, None
+
+
+def run_doctor(recipe: Recipe, tokenizer, data, console) -> None:
+    """The preflight checks (guide/doctor.py): warnings shown, errors raised before a run directory exists."""
+    from tuneforge.guide.doctor import doctor_recipe, raise_for_errors, render_findings
+
+    findings = doctor_recipe(recipe, tokenizer=tokenizer, data=data)
+    shown = [f for f in findings if f.severity != "info"]
+    if shown:
+        render_findings(console, shown, title="doctor")
+    raise_for_errors(findings)
+
+
+def absolute_data_paths(recipe: Recipe) -> None:
+    """The saved recipe names the data files by absolute path, so eval/resume work from any directory."""
+    from tuneforge.recipe import resolve_path
+
+    for key in ("train", "eval"):
+        value = getattr(recipe.data, key)
+        resolved = resolve_path(recipe, value)
+        if value and resolved and Path(resolved).exists():
+            setattr(recipe.data, key, str(Path(resolved).resolve()))
 
 
 def resolve_speed(recipe: Recipe, console, lengths: list[int] | None = None) -> None:

@@ -31,20 +31,13 @@ def train_rl(recipe, *, output: str | None = None, overwrite: bool = False, cons
 
     from tuneforge.models import load_tokenizer, pick_device, quiet_transformers
     from tuneforge.recipe import resolve_path
-    from tuneforge.train import print_data_summary, resumable_checkpoint, run_path_for
+    from tuneforge.train import absolute_data_paths, print_data_summary, run_doctor, target_run
 
     console = console or Console()
-    path = run_path_for(recipe, output)
-    checkpoint = None
-    if resume:
-        if recipe.method == "ppo":
-            raise RunDirError("method ppo cannot resume (its rollout loop writes no resumable checkpoints)",
-                              fix="start it again with --overwrite, with fewer train.max_steps if time is short")
-        checkpoint = resumable_checkpoint(RunDir(path))
-        console.print(f"[bold]resuming[/] {path} from {checkpoint.name}")
-    elif path.exists() and any(path.iterdir()) and not overwrite:
-        raise RunDirError(f"run directory {path} already exists",
-                          fix="pass --overwrite to replace it, --resume to continue it, or --output DIR for a new one")
+    if resume and recipe.method == "ppo":
+        raise RunDirError("method ppo cannot resume (its rollout loop writes no resumable checkpoints)",
+                          fix="start it again with --overwrite, with fewer train.max_steps if time is short")
+    path, checkpoint = target_run(recipe, output, overwrite=overwrite, resume=resume, console=console)
     check_start_adapter(recipe)
     quiet_transformers()
     device = pick_device()
@@ -61,18 +54,8 @@ def train_rl(recipe, *, output: str | None = None, overwrite: bool = False, cons
         probe_rewards(recipe._rewards, rl_row(data.train[0]))  # type: ignore[attr-defined]
         console.print("[bold]rewards[/] " + ", ".join(f"{r.name} x{r.weight:g}" for r in recipe._rewards))  # type: ignore[attr-defined]
     if doctor and not resume:
-        from tuneforge.guide.doctor import doctor_recipe, raise_for_errors, render_findings
-
-        findings = doctor_recipe(recipe, tokenizer=tokenizer, data=data if hasattr(data, "train_examples") else None)
-        shown = [f for f in findings if f.severity != "info"]
-        if shown:
-            render_findings(console, shown, title="doctor")
-        raise_for_errors(findings)
-    for key in ("train", "eval"):
-        value = getattr(recipe.data, key)
-        resolved = resolve_path(recipe, value)
-        if value and resolved and Path(resolved).exists():
-            setattr(recipe.data, key, str(Path(resolved).resolve()))
+        run_doctor(recipe, tokenizer, data if hasattr(data, "train_examples") else None, console)
+    absolute_data_paths(recipe)
     if recipe.rl.reward_model:
         resolved = resolve_path(recipe, recipe.rl.reward_model)
         if resolved and Path(resolved).exists():
