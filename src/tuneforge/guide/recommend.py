@@ -18,7 +18,7 @@ The tree (seed 003 "the decision tree", seed 001 "choosing a technique", seed 00
       rank, dropout, epochs, batch and learning rate from the seeds' tables by data size.
 
 `recommend(answers)` returns (recipe YAML text or None when the answer is "do not train", reasons). The recipe
-parses with `tuneforge.recipe.parse_recipe`; methods the schema does not have yet (dpo, grpo) are emitted as their
+parses with `tuneforge.recipe.parse_recipe`; multi-step paths (SFT then DPO or GRPO) are emitted as their
 first trainable stage, with the next stage described in the comments and reasons.
 """
 
@@ -146,10 +146,9 @@ def _approach(answers: dict, reasons: list[str]) -> tuple[str, str | None, str |
         if answers.get("has_verifier", True):
             reasons.append("Answers that can be checked automatically suit reinforcement learning with verifiable rewards "
                            "(GRPO: groups of sampled answers scored by the checker, seed 001).")
-            if "grpo" in methods:
-                return "grpo", "grpo", None
-            reasons.append("tuneforge has no GRPO method yet: this recipe is the SFT warm-up on worked solutions that GRPO "
-                           "usually starts from; run GRPO on its output (TRL GRPOTrainer) afterwards.")
+            reasons.append("GRPO starts from a model that already answers in the checkable format (doctor warns on RL "
+                           "without an SFT'd policy): this recipe is that SFT warm-up on worked solutions; then run "
+                           "method grpo on its output with your checker in rl.rewards (recipes/grpo.yaml).")
             return "grpo", "sft", "grpo"
         reasons.append("Without an automatic checker, reasoning is taught by SFT on worked solutions (step-by-step answers).")
         return "sft", "sft", None
@@ -520,10 +519,11 @@ def _next_stage_note(decision: Decision) -> str:
                 "learning rate 5e-7, 1 epoch (seed 000 steps 6 and 12).")
     if stage == "grpo":
         return ("Next stage: GRPO with your answer checker as the reward, starting from this run's model\n"
-                "(TRL GRPOTrainer; tuneforge has no grpo method yet).")
+                "(method grpo, model.adapter: this run, rl.rewards: [{name: exact_answer}]; see recipes/grpo.yaml).")
     if stage == "rlhf":
         return ("Next stages: a reward model on the preference pairs, then PPO against it with a KL penalty to this\n"
-                "run's model (TRL; tuneforge does not run PPO).")
+                "run's model (method reward, then method ppo where the installed TRL ships PPOTrainer, or grpo/rloo\n"
+                "with the reward model as rl.rewards).")
     if stage == "sft":
         return "Next stage: SFT on task examples, starting from this run's model."
     return ""
