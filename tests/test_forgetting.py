@@ -215,7 +215,10 @@ def test_lm_eval_task_scores_like_a_direct_log_likelihood_count(tiny, tmp_path):
     task = _local_lm_eval_task(tmp_path, items)
     recipe = parse_recipe({"name": "t", "data": {"train": "x.jsonl"},
                            "eval": {"lm_eval_tasks": [task], "lm_eval_include": str(tmp_path), "lm_eval_limit": 10}})
+    model.train()  # whatever mode the model is in, run_tasks scores in eval mode and gives the model back as it was
     scores = run_tasks(model, tokenizer, recipe, check_tasks(recipe))
+    assert model.training is True
+    model.eval()
 
     def logp(context, continuation):
         whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
@@ -230,7 +233,7 @@ def test_lm_eval_task_scores_like_a_direct_log_likelihood_count(tiny, tmp_path):
         options = [logp(context, " " + choice) for choice in item["choices"]]
         right += max(range(len(options)), key=options.__getitem__) == item["answer"]
     assert scores == {task: {"metric": "acc", "score": pytest.approx(100.0 * right / 10)}}
-    assert model.training is False  # eval mode kept
+    assert model.training is False
 
 
 def test_lm_eval_scores_join_the_forgetting_comparison_and_unknown_tasks_are_named():

@@ -65,6 +65,7 @@ def run_tasks(model, tokenizer, recipe, manager=None, *, batch_size: int = 8) ->
 
     manager = manager or task_manager(recipe)
     was_training = model.training
+    model.eval()  # dropout off while scoring
     device = str(next(model.parameters()).device)
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     try:
