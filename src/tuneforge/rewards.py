@@ -278,30 +278,12 @@ def _conversation_text(tokenizer, prompt, completion) -> str:
 
 def load_custom_reward(path: str | Path, function_name: str, *, key: str = "rl.rewards") -> Callable:
     """Import `function_name` from the Python file at `path`; it must take (prompts, completions, **kwargs)."""
-    import importlib.util
     import inspect
 
-    path = Path(path).expanduser()
-    where = f"`{key}` (custom reward {path}:{function_name})"
-    if not path.is_file():
-        raise RecipeError([f"{where}: file not found; give options.path as a .py file (relative to the recipe or the "
-                           f"working directory)"])
-    if path.suffix != ".py":
-        raise RecipeError([f"{where}: must be a Python file (.py)"])
-    module_name = f"tuneforge_custom_reward_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - user code
-        raise RecipeError([f"{where}: importing the file failed: {type(exc).__name__}: {exc}"]) from None
-    function = getattr(module, function_name, None)
-    if function is None:
-        defined = [n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module_name]
-        raise RecipeError([f"{where}: the file defines no `{function_name}`; functions in it: "
-                           f"{', '.join(defined) or '(none)'}"])
-    if not callable(function):
-        raise RecipeError([f"{where}: `{function_name}` is not a function"])
+    from tuneforge.user_code import import_user_function
+
+    where = f"`{key}` (custom reward {Path(path).expanduser()}:{function_name})"
+    function = import_user_function(path, function_name, where=where, kind="reward")
     try:
         parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):

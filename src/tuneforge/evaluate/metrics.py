@@ -397,28 +397,12 @@ def load_custom_metric(path: str | Path, function_name: str) -> Callable:
     The function takes (prediction, reference) and returns a float in [0, 1] or a bool; the score is the mean.
     Set `function.corpus = True` on it to receive (predictions, references) lists and return one float instead.
     """
-    import importlib.util
     import inspect
 
-    path = Path(path).expanduser()
-    where = f"custom metric {path}:{function_name}"
-    if not path.is_file():
-        raise RecipeError([f"{where}: file not found"])
-    if path.suffix != ".py":
-        raise RecipeError([f"{where}: must be a Python file (.py)"])
-    module_name = f"tuneforge_custom_metric_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise RecipeError([f"{where}: importing the file failed: {type(exc).__name__}: {exc}"]) from None
-    function = getattr(module, function_name, None)
-    if function is None:
-        defined = [n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module_name]
-        raise RecipeError([f"{where}: the file defines no `{function_name}`; functions in it: {', '.join(defined) or '(none)'}"])
-    if not callable(function):
-        raise RecipeError([f"{where}: `{function_name}` is not a function"])
+    from tuneforge.user_code import import_user_function
+
+    where = f"custom metric {Path(path).expanduser()}:{function_name}"
+    function = import_user_function(path, function_name, where=where, kind="metric")
     try:
         params = [p for p in inspect.signature(function).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
