@@ -216,14 +216,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         few_shot = score_model(model, tokenizer, shots, recipe, metric_specs, console,
                                label=f"base model, {recipe.eval.few_shot}-shot prompt")
         run.write_json("eval/few_shot.json", few_shot)
-    probe_before = (run.read_json("eval/forgetting.json", {}) or {}).get("before") if checkpoint is not None else None
-    if probe_before is None and recipe.eval.forgetting:
-        from tuneforge.evaluate.forgetting import run_probe
-
-        probe_before = run_probe(model, tokenizer)
-        add_lm_eval_scores(probe_before, model, tokenizer, recipe)
-        run.write_json("eval/forgetting.json", {"before": probe_before})
-        console.print(f"[bold]general probe[/] (base): {probe_before['accuracy']:.1f}% of {probe_before['n']} items")
+    probe_before = probe_before_training(run, recipe, model, tokenizer, console, resumed=checkpoint is not None)
 
     if not adapter_loaded:
         model = apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
@@ -309,35 +302,67 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     if scored:
         tuned = score_model(trainer.model, tokenizer, data.eval_examples, recipe, metric_specs, console, label="tuned model")
         run.write_json("eval/tuned.json", tuned)
-    forgetting = None
-    if probe_before is not None:
-        from tuneforge.evaluate.forgetting import compare, run_probe
-
-        probe_after = run_probe(trainer.model, tokenizer)
-        add_lm_eval_scores(probe_after, trainer.model, tokenizer, recipe)
-        forgetting = compare(probe_before, probe_after, threshold=recipe.eval.forgetting_threshold)
-        run.write_json("eval/forgetting.json", {"before": probe_before, "after": probe_after, "comparison": forgetting})
+    forgetting = probe_after_training(run, recipe, trainer.model, tokenizer, probe_before)
 
     summary = {
         "train_seconds": round(train_seconds, 1),
         "steps": trainer.state.global_step,
         "eval_loss": {"base": base_loss, "tuned": tuned_loss},
         "metrics": baseline_table({"base": baseline, "few_shot": few_shot, "tuned": tuned}),
-        "forgetting": forgetting and {"flagged": forgetting["flagged"], "message": forgetting["message"],
-                                      **{k: v for k, v in forgetting["scores"].items()}},
+        "forgetting": forgetting_summary(forgetting),
         "n_eval": tuned["n"] if tuned else 0,
         "preference": preference_result,
         "skipped_nonfinite_steps": numerical.skipped,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
+    return finish_run(run, summary, console)
+
+
+def probe_before_training(run: RunDir, recipe: Recipe, model, tokenizer, console, *, resumed: bool) -> dict | None:
+    """The general-ability probe (+ eval.lm_eval_tasks) on the model before training; a resumed run keeps its own."""
+    if not recipe.eval.forgetting:
+        return None
+    probe = (run.read_json("eval/forgetting.json", {}) or {}).get("before") if resumed else None
+    if probe is None:
+        from tuneforge.evaluate.forgetting import run_probe
+
+        probe = run_probe(model, tokenizer)
+        add_lm_eval_scores(probe, model, tokenizer, recipe)
+        run.write_json("eval/forgetting.json", {"before": probe})
+    console.print(f"[bold]general probe[/] (base): {probe['accuracy']:.1f}% of {probe['n']} items")
+    return probe
+
+
+def probe_after_training(run: RunDir, recipe: Recipe, model, tokenizer, before: dict | None) -> dict | None:
+    """The same probe on the tuned model, compared with `before` (flagged past eval.forgetting_threshold)."""
+    if before is None:
+        return None
+    from tuneforge.evaluate.forgetting import compare, run_probe
+
+    after = run_probe(model, tokenizer)
+    add_lm_eval_scores(after, model, tokenizer, recipe)
+    comparison = compare(before, after, threshold=recipe.eval.forgetting_threshold)
+    run.write_json("eval/forgetting.json", {"before": before, "after": after, "comparison": comparison})
+    return comparison
+
+
+def forgetting_summary(comparison: dict | None) -> dict | None:
+    return comparison and {"flagged": comparison["flagged"], "message": comparison["message"], **comparison["scores"]}
+
+
+def finish_run(run: RunDir, summary: dict, console, *, table: bool = True) -> RunDir:
+    """summary.json, status completed, report.html (rank 0), and the terminal summary."""
     run.write_json("summary.json", summary)
     run.set_status("completed", finished=time.time())
-    from tuneforge.report import write_report
-
     if not run.is_main:
         return run
+    from tuneforge.report import write_report
+
     report = write_report(run.path)
-    print_summary(console, run, summary)
+    if table:
+        print_summary(console, run, summary)
+    else:
+        console.print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s; run directory: {run.path}")
     console.print(f"report: {report}")
     return run
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from tuneforge.errors import DataError, RunDirError
 from tuneforge.recipe import recipe_to_yaml
 from tuneforge.run import RunDir, environment
+from tuneforge.train import (absolute_data_paths, finish_run, forgetting_summary, print_data_summary,
+                             probe_after_training, probe_before_training, run_doctor, score_model, target_run)
 
 POLICY_METHODS = ("ppo", "grpo", "rloo", "online_dpo")
 ANSWER_REWARDS = ("exact_answer", "code_tests", "json_schema", "regex")  # which pass rate is the "accuracy", in order
@@ -31,7 +33,6 @@ def train_rl(recipe, *, output: str | None = None, overwrite: bool = False, cons
 
     from tuneforge.models import load_tokenizer, pick_device, quiet_transformers
     from tuneforge.recipe import resolve_path
-    from tuneforge.train import absolute_data_paths, print_data_summary, run_doctor, target_run
 
     console = console or Console()
     if resume and recipe.method == "ppo":
@@ -174,7 +175,6 @@ def _train_rl_in(run: RunDir, recipe, tokenizer, data, device: str, console, che
     baseline = None
     if method == "gkd" and data.eval_examples and recipe.eval.baseline:
         from tuneforge.evaluate.metrics import resolve_metrics
-        from tuneforge.train import score_model
 
         metric_specs = resolve_metrics(recipe.eval.metrics, base_dir=getattr(recipe, "_source_dir", None))
         baseline = run.read_json("eval/baseline.json") if checkpoint is not None else None
@@ -182,14 +182,8 @@ def _train_rl_in(run: RunDir, recipe, tokenizer, data, device: str, console, che
             baseline = score_model(model, tokenizer, data.eval_examples, recipe, metric_specs, console, label="base model")
             run.write_json("eval/baseline.json", baseline)
     probe_before = None
-    if recipe.eval.forgetting and method != "reward":
-        from tuneforge.evaluate.forgetting import run_probe
-
-        probe_before = (run.read_json("eval/forgetting.json", {}) or {}).get("before") if checkpoint is not None else None
-        if probe_before is None:
-            probe_before = run_probe(model, tokenizer)
-            run.write_json("eval/forgetting.json", {"before": probe_before})
-        console.print(f"[bold]general probe[/] (base): {probe_before['accuracy']:.1f}% of {probe_before['n']} items")
+    if method != "reward":
+        probe_before = probe_before_training(run, recipe, model, tokenizer, console, resumed=checkpoint is not None)
     if method != "reward" and not adapter_loaded:
         model = apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
     console.print(describe_trainable(model))
@@ -244,17 +238,9 @@ def _train_rl_in(run: RunDir, recipe, tokenizer, data, device: str, console, che
         describe_rewards(console, "tuned", after)
     tuned = None
     if baseline is not None:
-        from tuneforge.train import score_model
-
         tuned = score_model(policy, tokenizer, data.eval_examples, recipe, metric_specs, console, label="tuned model")
         run.write_json("eval/tuned.json", tuned)
-    forgetting = None
-    if probe_before is not None:
-        from tuneforge.evaluate.forgetting import compare, run_probe
-
-        probe_after = run_probe(policy, tokenizer)
-        forgetting = compare(probe_before, probe_after, threshold=recipe.eval.forgetting_threshold)
-        run.write_json("eval/forgetting.json", {"before": probe_before, "after": probe_after, "comparison": forgetting})
+    forgetting = probe_after_training(run, recipe, policy, tokenizer, probe_before)
     from tuneforge.evaluate.baselines import baseline_table
 
     summary = {
@@ -262,23 +248,13 @@ def _train_rl_in(run: RunDir, recipe, tokenizer, data, device: str, console, che
         "steps": trainer.state.global_step,
         "eval_loss": {"base": base_loss, "tuned": tuned_loss},
         "metrics": baseline_table({"base": baseline, "few_shot": None, "tuned": tuned}) if baseline else {},
-        "forgetting": forgetting and {"flagged": forgetting["flagged"], "message": forgetting["message"],
-                                      **dict(forgetting["scores"].items())},
+        "forgetting": forgetting_summary(forgetting),
         "n_eval": (result or {}).get("after", {}).get("n", 0) if result else (tuned or {}).get("n", 0),
         "reward_model" if method == "reward" else "rl": result,
         "kl": kl_summary(run) if method in POLICY_METHODS else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
-    run.write_json("summary.json", summary)
-    run.set_status("completed", finished=time.time())
-    if not run.is_main:
-        return run
-    from tuneforge.report import write_report
-
-    report = write_report(run.path)
-    console.print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s; run directory: {run.path}")
-    console.print(f"report: {report}")
-    return run
+    return finish_run(run, summary, console, table=False)
 
 
 def method_datasets(recipe, data, tokenizer):
