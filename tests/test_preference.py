@@ -64,6 +64,19 @@ def test_loss_variants_train_and_move_margin(tmp_path, tiny_model_dir, pref_file
     assert summary["preference"]["after"]["n"] > 0
 
 
+def test_sft_weight_keeps_chosen_answers_likely(tmp_path, tiny_model_dir, pref_file):
+    """preference.sft_weight adds TRL's sft loss to DPO's: the chosen answers end more likely than under plain DPO."""
+    plain = run_pref(tmp_path, tiny_model_dir, pref_file, name="plain").read_json("eval/preference.json")["after"]
+    run = run_pref(tmp_path, tiny_model_dir, pref_file, name="rpo", preference={"sft_weight": 1.0})
+    assert run.status == "completed"
+    with_sft = run.read_json("eval/preference.json")["after"]
+    assert with_sft["chosen_logp"] > plain["chosen_logp"], (with_sft, plain)
+    assert with_sft["implicit_reward_margin"] > 0, with_sft
+    from tuneforge.errors import RecipeError
+    with pytest.raises(RecipeError, match="sft_weight"):
+        run_pref(tmp_path, tiny_model_dir, pref_file, method="orpo", name="bad", preference={"sft_weight": 1.0})
+
+
 def test_peft_reference_keeps_no_second_model(tmp_path, tiny_model_dir, pref_file):
     from tuneforge.data.pipeline import prepare_data
     from tuneforge.methods import get_method

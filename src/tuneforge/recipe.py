@@ -215,6 +215,10 @@ class PreferenceSection(_Section):
         "before training, then no reference in memory. auto = peft with LoRA, copy for full fine-tuning.")
     max_prompt_length: int | None = Field(None, gt=0, description="Prompt tokens kept (the end of long prompts); "
                                           "None = half of train.max_length (seed 000 step 6).")
+    sft_weight: float = Field(0.0, ge=0, description="dpo: weight of an NLL (SFT) term on the chosen answers, added to "
+                              "the preference loss (TRL loss_type [<loss_type>, sft]; RPO / MPO). DPO alone can push "
+                              "both answers' likelihood down and only widen the gap, so greedy generations need not "
+                              "change; 0.2-1.0 keeps the chosen answers likely. 0 = plain DPO.")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin.")
     cpo_alpha: float = Field(1.0, ge=0, description="cpo: weight of the NLL term on chosen answers (simpo sets 0).")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples' losses.")

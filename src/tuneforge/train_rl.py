@@ -61,10 +61,6 @@ def train_rl(recipe, *, output: str | None = None, overwrite: bool = False, cons
         resolved = resolve_path(recipe, recipe.rl.reward_model)
         if resolved and Path(resolved).exists():
             recipe.rl.reward_model = str(Path(resolved).resolve())
-    if recipe.method == "ppo":  # TRL 1.16 has no PPOTrainer: say so before a run directory exists
-        from tuneforge.methods.ppo import ppo_classes
-
-        ppo_classes()
     run = RunDir(path)
     if resume:
         run.set_status("running", resumed_from=checkpoint.name)

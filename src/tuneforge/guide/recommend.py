@@ -159,8 +159,8 @@ def _approach(answers: dict, reasons: list[str]) -> tuple[str, str | None, str |
         return "sft", "sft", "dpo"
     if answers.get("dpo_underperformed"):
         reasons.append("DPO fell short, so RLHF (a reward model + PPO) is the remaining step; it is far heavier to run "
-                       "(seed 000 step 7: reach for it only when DPO underperforms). tuneforge does not run PPO; this "
-                       "recipe is the SFT stage both start from.")
+                       "(seed 000 step 7: reach for it only when DPO underperforms). This recipe is the SFT stage "
+                       "both start from; then method reward and method ppo (recipes/reward.yaml, recipes/ppo.yaml).")
         return "rlhf", "sft", "rlhf"
     reasons.append("Preference pairs are learned with DPO (no reward model, no PPO; seed 000 step 6), always after SFT: "
                    "DPO is a polish, not a starter (seed 000 common mistakes).")
@@ -522,8 +522,8 @@ def _next_stage_note(decision: Decision) -> str:
                 "(method grpo, model.adapter: this run, rl.rewards: [{name: exact_answer}]; see recipes/grpo.yaml).")
     if stage == "rlhf":
         return ("Next stages: a reward model on the preference pairs, then PPO against it with a KL penalty to this\n"
-                "run's model (method reward, then method ppo where the installed TRL ships PPOTrainer, or grpo/rloo\n"
-                "with the reward model as rl.rewards).")
+                "run's model (method reward, then method ppo with rl.reward_model: the reward run; see\n"
+                "recipes/reward.yaml and recipes/ppo.yaml).")
     if stage == "sft":
         return "Next stage: SFT on task examples, starting from this run's model."
     return ""

@@ -4,64 +4,352 @@ the policy, with a per-token KL penalty to the frozen reference paid inside the 
 via the reward, not the advantage").
 
 Four models, as the seeds describe:
-  policy      the model being trained: LoRA (adapter.*, so it fits one GPU) or full
+  policy      the model being trained: LoRA (adapter.*, so it fits one GPU), QLoRA or full
   reference   the policy as it starts, frozen: with a fresh LoRA adapter the adapter disabled (no copy in memory);
               with a continued adapter (model.adapter) or full fine-tuning, a frozen copy
   reward      rl.reward_model: a `method: reward` run (sequence-classification head, one output), frozen
   value       a sequence-classification model with one output, initialised from the reward model (its backbone
-              already reads these answers; TRL's own examples do the same) and trained beside the policy
+              already reads these answers) and trained beside the policy
 
-Recipe keys: rl.reward_model (required), rl.kl_coef (0.05), rl.clip_range (0.2), rl.value_clip (0.2), rl.vf_coef,
-rl.gamma (1.0), rl.lam (0.95), rl.ppo_epochs (4), rl.num_mini_batches (4), rl.kl_estimator, rl.whiten_rewards,
-rl.missing_eos_penalty, rl.temperature, rl.max_new_tokens; train.batch_size x train.grad_accum prompts are rolled
-out per PPO update; train.max_steps counts PPO updates (else train.epochs passes over the prompts).
-Logged each update (metrics.jsonl, plotted in the report): objective/scores (mean reward-model score),
-objective/kl, objective/entropy, objective/rlhf_reward, loss/policy_avg, loss/value_avg, policy/clipfrac_avg, ...
-
-The trainer is TRL's PPOTrainer, where the installed TRL has it. TRL 1.1x removed it (TRL PR 7020) and tuneforge
-does not carry a copy of another project's trainer, so with TRL 1.16 `method: ppo` stops before the run starts with
-an error that says what to use instead (`ppo_classes`). Refused: resume (PPO's own loop writes no resumable
-checkpoints), a reward model whose vocabulary differs from the policy's.
+Why tuneforge has its own loop: TRL 1.1x removed PPOTrainer (TRL PR 7020) and no library we stand on ships PPO for
+causal LMs any more. The loop below is written from the algorithm (Schulman et al. 2017; Ouyang et al. 2022's
+per-token KL in the reward) on transformers.Trainer's machinery -- its optimizer and scheduler (train.optimizer,
+train.scheduler), callbacks (progress bar, metrics.jsonl, trackers, Ctrl-C), logging and saving -- so only the
+rollout and the PPO update are ours. One update (a global step):
+  1. rollout   train.batch_size x train.grad_accum prompts; the policy samples (rl.temperature, rl.max_new_tokens),
+               each answer ends at the chat template's end-of-turn token
+  2. score     reward model on prompt + answer (its score at the answer's last token; rl.missing_eos_penalty is
+               subtracted when the answer never ended); per-token reward = -kl_coef * KL(policy || reference), the
+               score added at the last token (KL by rl.kl_estimator k1 or k3)
+  3. advantage values from the value model, GAE (rl.gamma, rl.lam), advantages whitened (rewards too with
+               rl.whiten_rewards)
+  4. update    rl.ppo_epochs passes over the rollouts in rl.num_mini_batches mini-batches (micro-batches of
+               train.batch_size accumulated inside one): clipped ratio loss (rl.clip_range) + rl.vf_coef x clipped
+               value loss (rl.value_clip), one optimizer over the policy's trainable weights and the value model
+Dropout is off in every model (the ratio must compare the same function). train.max_steps counts updates (else
+train.epochs passes over the prompts). Logged each update (metrics.jsonl, plotted in the report): objective/scores,
+objective/kl, objective/entropy, objective/non_score_reward, objective/rlhf_reward, loss/policy_avg, loss/value_avg,
+policy/clipfrac_avg, policy/approxkl_avg, val/ratio, val/num_eos_tokens, loss (policy + vf_coef x value).
+Refused: resume (the loop writes no resumable checkpoints), several processes, a reward model whose vocabulary
+differs from the policy's.
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
 
 from tuneforge.errors import RecipeError
 from tuneforge.methods import register
 from tuneforge.methods.common import common_arguments
 
 
-def ppo_classes():
-    """(PPOConfig, PPOTrainer) from the installed TRL, or a RecipeError on `method` saying what to do instead."""
-    for module in ("trl.experimental.ppo", "trl"):
-        try:
-            imported = __import__(module, fromlist=["PPOConfig", "PPOTrainer"])
-            return imported.PPOConfig, imported.PPOTrainer
-        except (ImportError, AttributeError):
-            continue
-    import trl
+# ---------------------------------------------------------------------------------------------------------------
+# The pieces of one update, each a plain function of tensors (tests/test_rl.py checks them by hand)
 
-    raise RecipeError([f"`method`: ppo needs TRL's PPOTrainer, which TRL {trl.__version__} no longer ships (removed in "
-                       f"TRL 1.1x); tuneforge does not carry a copy of it. Use method: grpo or rloo with rl.rewards: "
-                       f"[{{name: reward_model, options: {{path: <your reward run>}}}}] (on-policy RL against the same "
-                       f"reward model, on trainers TRL ships), or install a TRL that still has PPOTrainer"])
+
+def masked_mean(values, mask, dim=None):
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1) if dim is not None else (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values, mask, shift_mean: bool = True):
+    """(x - mean) / std over the masked entries; with shift_mean False the mean is added back (rewards keep sign)."""
+    import torch
+
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator: str = "k1"):
+    """Per-token KL(policy || reference) estimate from sampled tokens: k1 = log p - log q; k3 = (r - 1) - log r with
+    r = q / p (non-negative, lower variance)."""
+    import torch
+
+    log_ratio = logprobs - ref_logprobs
+    return log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation over the answer tokens -> (advantages, returns). Positions past the answer
+    (mask 0) neither receive nor pass on value."""
+    import torch
+
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < length else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask, *, clip_range: float,
+               value_clip: float):
+    """-> (policy loss, value loss, clip fraction, approx KL): PPO's clipped surrogate and the clipped value loss."""
+    import torch
+
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    policy_loss = masked_mean(surrogate, mask)
+    clipped_values = old_values + (new_values - old_values).clamp(-value_clip, value_clip)
+    value_loss = 0.5 * masked_mean(torch.max((new_values - returns) ** 2, (clipped_values - returns) ** 2), mask)
+    clipfrac = masked_mean(((ratio - 1).abs() > clip_range).float(), mask)
+    approx_kl = 0.5 * masked_mean((new_logprobs - old_logprobs) ** 2, mask)
+    return policy_loss, value_loss, clipfrac, approx_kl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model helpers
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def answer_logprobs(model, ids, mask, prompt_width: int, temperature: float):
+    """Log-probs (and entropies) of the answer tokens ids[:, prompt_width:] under a causal LM."""
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    logits = logits[:, prompt_width - 1:-1].float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, ids[:, prompt_width:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
+def score_head(model):
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise RecipeError([f"`rl.reward_model`: {type(model).__name__} has no `score` head; PPO needs a "
+                           f"sequence-classification model with one output (a `method: reward` run)"])
+    return head
+
+
+def token_scores(model, ids, mask):
+    """The sequence-classification head applied at every position: [batch, length] scalars."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+    return score_head(model)(hidden).squeeze(-1).float()
+
+
+def no_dropout(*models) -> None:
+    for model in models:
+        if model is None:
+            continue
+        for module in model.modules():
+            if isinstance(module, __import__("torch").nn.Dropout):
+                module.p = 0.0
 
 
 def value_model_from(reward_model):
-    """A trainable copy of the reward model: the value network V(s) (a scalar head on every position)."""
+    """A trainable copy of the reward model: the value network V(s) (its scalar head read at every position)."""
     import copy
 
     value = copy.deepcopy(reward_model)
-    value.train()
     for parameter in value.parameters():
         parameter.requires_grad_(True)
     return value
 
 
-def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks):
-    from tuneforge.methods.reward import load_reward_model
-    PPOConfig, PPOTrainer = ppo_classes()
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer
 
+
+def ppo_trainer_class():
+    import torch
+    from transformers import GenerationConfig, Trainer
+
+    class PolicyAndValue(torch.nn.Module):
+        """One module so that one optimizer (train.optimizer) steps the policy's trainable weights and the value
+        model; train_rl reads `.policy` for evaluation and saving."""
+
+        def __init__(self, policy, value):
+            super().__init__()
+            self.policy, self.value = policy, value
+
+    class PPOLoop(Trainer):
+        def __init__(self, *, recipe, policy, value_model, reward_model, ref_model, tokenizer, stop_ids, **kwargs):
+            super().__init__(model=PolicyAndValue(policy, value_model), processing_class=tokenizer, **kwargs)
+            self.recipe, self.rl = recipe, recipe.rl
+            self.policy, self.value_model, self.reward_model, self.ref_model = policy, value_model, reward_model, ref_model
+            self.stop_ids = stop_ids
+            self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+            self.policy_for_eval = policy
+
+        # -- rollout ---------------------------------------------------------------------------------------------
+        def batches(self):
+            """Endless shuffled prompt batches of batch_size x grad_accum (epoch after epoch)."""
+            generator = torch.Generator().manual_seed(self.args.seed)
+            rows = self.train_dataset["input_ids"]
+            size = self.recipe.train.batch_size * self.recipe.train.grad_accum
+            while True:
+                order = torch.randperm(len(rows), generator=generator).tolist()
+                for start in range(0, len(order) - size + 1, size):
+                    yield [rows[i] for i in order[start:start + size]]
+
+        def left_pad(self, prompts):
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            return ids.to(self.args.device), mask.to(self.args.device)
+
+        @torch.no_grad()
+        def rollout(self, prompts) -> dict:
+            ids, mask = self.left_pad(prompts)
+            width = ids.shape[1]
+            config = GenerationConfig(do_sample=True, temperature=self.rl.temperature, top_k=0, top_p=1.0,
+                                      max_new_tokens=self.rl.max_new_tokens, eos_token_id=self.stop_ids,
+                                      pad_token_id=self.pad_id)
+            sequences = self.policy.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            answer = sequences[:, width:]
+            is_stop = torch.isin(answer, torch.tensor(self.stop_ids, device=answer.device))
+            ended = is_stop.any(dim=1)
+            first_stop = torch.where(ended, is_stop.int().argmax(dim=1), torch.full_like(ended, answer.shape[1], dtype=torch.long))
+            index = torch.arange(answer.shape[1], device=answer.device).unsqueeze(0)
+            answer_mask = (index <= first_stop.unsqueeze(1)).long()  # the stop token is part of the answer
+            answer = torch.where(answer_mask.bool(), answer, torch.full_like(answer, self.pad_id))
+            ids = torch.cat([ids, answer], dim=1)
+            full_mask = torch.cat([mask, answer_mask], dim=1)
+            logprobs, entropy = self.forward_in_chunks(lambda i, m: answer_logprobs(self.policy, i, m, width, self.rl.temperature), ids, full_mask)
+            ref = self.ref_model or self.policy
+            with (self.policy.disable_adapter() if self.ref_model is None else contextlib.nullcontext()):
+                ref_logprobs, _ = self.forward_in_chunks(lambda i, m: answer_logprobs(ref, i, m, width, self.rl.temperature), ids, full_mask)
+            values = self.forward_in_chunks(lambda i, m: (token_scores(self.value_model, i, m)[:, width - 1:-1],), ids, full_mask)[0]
+            last = width + answer_mask.sum(dim=1) - 1
+            reward_scores = self.forward_in_chunks(lambda i, m: (token_scores(self.reward_model, i, m),), ids, full_mask)[0]
+            scores = reward_scores.gather(1, last.unsqueeze(1)).squeeze(1)
+            if self.rl.missing_eos_penalty is not None:
+                scores = scores - self.rl.missing_eos_penalty * (~ended).float()
+            answer_mask = answer_mask.float()
+            kl = kl_per_token(logprobs, ref_logprobs, self.rl.kl_estimator) * answer_mask
+            non_score = -self.rl.kl_coef * kl
+            rewards = non_score.clone()
+            rewards[torch.arange(len(rewards)), last - width] += scores
+            if self.rl.whiten_rewards:
+                rewards = masked_whiten(rewards, answer_mask, shift_mean=False)
+            values = values * answer_mask
+            advantages, returns = gae(rewards, values, answer_mask, self.rl.gamma, self.rl.lam)
+            advantages = masked_whiten(advantages, answer_mask)
+            return dict(ids=ids, mask=full_mask, width=width, answer_mask=answer_mask, logprobs=logprobs, values=values,
+                        advantages=advantages, returns=returns, scores=scores, kl=kl, non_score=non_score,
+                        entropy=entropy, ended=ended)
+
+        def forward_in_chunks(self, fn, ids, mask):
+            """fn over micro-batches of train.batch_size (the rollout batch may be larger than what fits)."""
+            step = self.recipe.train.batch_size
+            parts = [fn(ids[s:s + step], mask[s:s + step]) for s in range(0, len(ids), step)]
+            return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
+
+        # -- update ----------------------------------------------------------------------------------------------
+        def update(self, batch) -> dict:
+            size = len(batch["ids"])
+            mini = size // self.rl.num_mini_batches
+            micro = max(1, min(self.recipe.train.batch_size, mini))
+            stats = {"policy": [], "value": [], "clipfrac": [], "approxkl": [], "ratio": []}
+            generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
+            for _ in range(self.rl.ppo_epochs):
+                order = torch.randperm(size, generator=generator)
+                for start in range(0, size, mini):
+                    chosen = order[start:start + mini]
+                    for micro_start in range(0, len(chosen), micro):
+                        rows = chosen[micro_start:micro_start + micro]
+                        width = batch["width"]
+                        with self.autocast_smart_context_manager():
+                            new_logprobs, _ = answer_logprobs(self.policy, batch["ids"][rows], batch["mask"][rows],
+                                                              width, self.rl.temperature)
+                            new_values = token_scores(self.value_model, batch["ids"][rows],
+                                                      batch["mask"][rows])[:, width - 1:-1]
+                        m = batch["answer_mask"][rows]
+                        policy_loss, value_loss, clipfrac, approx_kl = ppo_losses(
+                            new_logprobs, batch["logprobs"][rows], batch["advantages"][rows], new_values,
+                            batch["values"][rows], batch["returns"][rows], m, clip_range=self.rl.clip_range,
+                            value_clip=self.rl.value_clip)
+                        loss = (policy_loss + self.rl.vf_coef * value_loss) * len(rows) / len(chosen)
+                        loss.backward()
+                        stats["policy"].append(policy_loss.item())
+                        stats["value"].append(value_loss.item())
+                        stats["clipfrac"].append(clipfrac.item())
+                        stats["approxkl"].append(approx_kl.item())
+                        stats["ratio"].append(masked_mean(torch.exp(new_logprobs - batch["logprobs"][rows]), m).item())
+                    self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
+                    if self.args.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                       self.args.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            return {key: sum(v) / len(v) for key, v in stats.items()}
+
+        def train(self, *args, **kwargs):
+            rl, t = self.rl, self.recipe.train
+            rollout_size = t.batch_size * t.grad_accum
+            per_epoch = max(1, len(self.train_dataset) // rollout_size)
+            updates = t.max_steps if t.max_steps and t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+            self.create_optimizer_and_scheduler(num_training_steps=updates * rl.ppo_epochs * rl.num_mini_batches)
+            self.state.max_steps, self.state.global_step, self.state.epoch = updates, 0, 0.0
+            self.state.num_input_tokens_seen = 0
+            self.state.logging_steps = t.logging_steps
+            no_dropout(self.policy, self.value_model, self.reward_model, self.ref_model)
+            for model in (self.policy, self.value_model, self.reward_model, self.ref_model):
+                if model is not None:
+                    model.eval()  # no dropout; the update still takes gradients
+            self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+            prompts = self.batches()
+            for update in range(updates):
+                self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
+                batch = self.rollout(next(prompts))
+                losses = self.update(batch)
+                self.state.global_step = update + 1
+                self.state.epoch = self.state.global_step / per_epoch
+                self.state.num_input_tokens_seen += int(batch["mask"].sum())
+                eos_count = int(batch["ended"].sum())
+                kl_sum = batch["kl"].sum(1)
+                non_score = batch["non_score"].sum(1)
+                logs = {
+                    "loss": losses["policy"] + rl.vf_coef * losses["value"],
+                    "objective/scores": batch["scores"].mean().item(),
+                    "objective/kl": kl_sum.mean().item(),
+                    "objective/entropy": masked_mean(batch["entropy"], batch["answer_mask"]).item(),
+                    "objective/non_score_reward": non_score.mean().item(),
+                    "objective/rlhf_reward": (batch["scores"] + non_score).mean().item(),
+                    "loss/policy_avg": losses["policy"], "loss/value_avg": losses["value"],
+                    "policy/clipfrac_avg": losses["clipfrac"], "policy/approxkl_avg": losses["approxkl"],
+                    "val/ratio": losses["ratio"], "val/num_eos_tokens": eos_count,
+                    "val/answer_length": batch["answer_mask"].sum(1).mean().item(),
+                    "learning_rate": self.lr_scheduler.get_last_lr()[0],
+                }
+                self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
+                self.log(logs)
+                if self.control.should_training_stop:
+                    break
+            self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            self.policy.save_pretrained(output_dir or self.args.output_dir)
+
+        def evaluate(self, *args, **kwargs):  # held-out rewards are scored by train_rl after training
+            return {}
+
+    return PPOLoop
+
+
+def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks):
+    from transformers import TrainingArguments
+
+    from tuneforge.distributed import world_size
+    from tuneforge.methods.reward import load_reward_model
+
+    if world_size() > 1:
+        raise RecipeError(["`method`: ppo runs in one process (its rollout loop is not distributed); launch it without "
+                           "--gpus, or use method: grpo / rloo (TRL's trainers) for several GPUs"])
     rl = recipe.rl
     reward_model, reward_tokenizer = load_reward_model(rl.reward_model, device=device)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -69,40 +357,31 @@ def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, de
                            f"({recipe.model.name}); PPO scores the policy's token ids directly, so train the reward "
                            f"model from the same base model"])
     reward_model.config.pad_token_id = tokenizer.pad_token_id
+    for parameter in reward_model.parameters():
+        parameter.requires_grad_(False)
     value_model = value_model_from(reward_model)
     common = common_arguments(recipe, run, device)
-    steps = common.pop("max_steps")
-    batch = recipe.train.batch_size * recipe.train.grad_accum
-    for key in ("include_num_input_tokens_seen", "eval_strategy", "eval_steps"):
+    for key in ("include_num_input_tokens_seen", "eval_strategy", "eval_steps", "save_strategy", "save_steps"):
         common.pop(key, None)
-    args = PPOConfig(
-        **common,
-        total_episodes=steps * batch if steps and steps > 0 else None,
-        num_ppo_epochs=rl.ppo_epochs, num_mini_batches=rl.num_mini_batches, kl_coef=rl.kl_coef,
-        kl_estimator=rl.kl_estimator, cliprange=rl.clip_range, cliprange_value=rl.value_clip, vf_coef=rl.vf_coef,
-        gamma=rl.gamma, lam=rl.lam, whiten_rewards=rl.whiten_rewards, missing_eos_penalty=rl.missing_eos_penalty,
-        temperature=rl.temperature, response_length=rl.max_new_tokens, stop_token="eos",
-        local_rollout_forward_batch_size=max(1, recipe.train.batch_size), num_sample_generations=0,
-        eval_strategy="no",
-    )
+    args = TrainingArguments(**common, eval_strategy="no", save_strategy="no")
     ref_model = None
     continued = bool(recipe.model.adapter) and recipe.model.adapter_mode == "continue"
     if not recipe.uses_lora or continued:
         from tuneforge.methods.preference import reference_copy
 
         ref_model = reference_copy(model)
-    tokenizer.padding_side = "left"  # prompts are left-padded so every completion starts at the same column
-    # PPO stops completions at processing_class.eos_token_id: make that the chat template's end-of-turn token
     from tuneforge.data.template import end_of_turn_token_id
 
+    stop_ids = model.generation_config.eos_token_id
+    stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids or [])
     end = end_of_turn_token_id(tokenizer)
-    if end is not None and end != tokenizer.eos_token_id:
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(end)
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=model, ref_model=ref_model,
-                         reward_model=reward_model, value_model=value_model, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset if eval_dataset is not None else train_dataset, callbacks=callbacks)
-    trainer.policy_for_eval = model
-    return trainer
+    if end is not None and end not in stop_ids:
+        stop_ids.append(end)
+    if not stop_ids:
+        raise RecipeError(["`model.name`: the tokenizer names no end-of-turn or EOS token, so answers could not end"])
+    return ppo_trainer_class()(recipe=recipe, policy=model, value_model=value_model, reward_model=reward_model,
+                               ref_model=ref_model, tokenizer=tokenizer, stop_ids=stop_ids, args=args,
+                               train_dataset=train_dataset, callbacks=callbacks)
 
 
 register("ppo")(build_trainer)

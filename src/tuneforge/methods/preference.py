@@ -1,7 +1,7 @@
 """Preference methods on TRL: dpo (DPOTrainer), kto (KTOTrainer), orpo (ORPOTrainer), simpo and cpo (CPOTrainer,
 SimPO = CPO with loss_type simpo and cpo_alpha 0). ORPO/CPO live in trl.experimental in TRL 1.x.
 
-Recipe keys read: preference.* (beta, loss_type, label_smoothing, ref, max_prompt_length, simpo_gamma, cpo_alpha,
+Recipe keys read: preference.* (beta, loss_type, sft_weight, label_smoothing, ref, max_prompt_length, simpo_gamma, cpo_alpha,
 desirable_weight, undesirable_weight), train.* (as SFT), model.adapter + model.adapter_mode (start from an SFT
 adapter: keep training it, or merge it and train a fresh one; see `load_start_adapter` in methods/common.py).
 
@@ -45,6 +45,9 @@ def check_recipe(recipe) -> None:
     loss = "kto" if method == "kto" and p.loss_type == "sigmoid" else p.loss_type
     if losses is not None and loss not in losses:
         problems.append(f"`preference.loss_type`: {method} has no loss {p.loss_type!r}; choose one of {sorted(losses)}")
+    if p.sft_weight and method != "dpo":
+        problems.append(f"`preference.sft_weight`: only dpo adds an SFT term ({method} has its own: cpo_alpha for "
+                        f"cpo, orpo's odds ratio already includes the NLL); remove it or use method: dpo")
     if method in ("dpo", "kto") and resolved_ref(recipe) == "peft" and not recipe.uses_lora:
         problems.append("`preference.ref`: peft needs a LoRA adapter (the reference is the policy with the adapter "
                         "disabled); with adapter.type full use ref: copy or ref: precomputed")
@@ -78,7 +81,8 @@ def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, de
             def _prepare_dataset(self, dataset, *args, **kwargs):  # tuneforge already templated and tokenized
                 return dataset if "prompt_ids" in dataset.column_names else super()._prepare_dataset(dataset, *args, **kwargs)
 
-        args = DPOConfig(**common, max_length=recipe.train.max_length, beta=p.beta, loss_type=[p.loss_type],
+        losses, weights = ([p.loss_type, "sft"], [1.0, p.sft_weight]) if p.sft_weight else ([p.loss_type], None)
+        args = DPOConfig(**common, max_length=recipe.train.max_length, beta=p.beta, loss_type=losses, loss_weights=weights,
                          label_smoothing=p.label_smoothing, precompute_ref_log_probs=ref == "precomputed",
                          dataset_num_proc=None)
         trainer = PretokenizedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset,
@@ -192,6 +196,8 @@ def answer_logps(model, tokenizer, pairs, *, batch_size: int = 8) -> list[dict]:
 def preference_accuracy(current: list[dict], start: list[dict] | None = None, beta: float = 0.1) -> dict:
     """Accuracy on held-out pairs, in %:
     reference_free  mean per-token log-prob of chosen > rejected (length-normalised; comparable before and after);
+    chosen_logp / rejected_logp  mean per-token log-prob of each side (their drift shows whether DPO raised the
+                    chosen answers or only pushed both down: the case where generations do not change);
     implicit_reward DPO's implicit reward beta*(log pi - log pi_start) larger for chosen than rejected, the start
                     model (the reference) as baseline: 50 by construction before training (ties count half)."""
     n = len(current)
@@ -199,7 +205,9 @@ def preference_accuracy(current: list[dict], start: list[dict] | None = None, be
         return {"n": 0}
     free = sum(c["chosen_mean"] > c["rejected_mean"] for c in current) / n
     out = {"n": n, "reference_free": round(100 * free, 1),
-           "mean_logp_margin": round(sum(c["chosen_mean"] - c["rejected_mean"] for c in current) / n, 4)}
+           "mean_logp_margin": round(sum(c["chosen_mean"] - c["rejected_mean"] for c in current) / n, 4),
+           "chosen_logp": round(sum(c["chosen_mean"] for c in current) / n, 4),
+           "rejected_logp": round(sum(c["rejected_mean"] for c in current) / n, 4)}
     if start is not None:
         margins = [beta * ((c["chosen"] - s["chosen"]) - (c["rejected"] - s["rejected"])) for c, s in zip(current, start)]
         wins = sum(1.0 if m > 1e-6 else 0.5 if abs(m) <= 1e-6 else 0.0 for m in margins)
