@@ -48,6 +48,9 @@ CASES = {
     "tiny-lora": ("tiny", "lora", 4, 2),
 }
 CONTENDERS = ["tuneforge", "trl_plain", "trl_best", "unsloth", "tuneforge_levers_off"]
+# also runnable: tuneforge_lean (defaults + checkpointing every layer: the memory-first layout),
+# tuneforge_sdpa (defaults with speed.attention sdpa: what the varlen attention lever is worth)
+EXTRA_CONTENDERS = ["tuneforge_lean", "tuneforge_sdpa"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,13 +210,15 @@ def tuneforge_worker(spec: dict) -> dict:
                                                  "target_modules": TARGETS})},
         "train": {"max_steps": spec["steps"], "batch_size": spec["batch"], "grad_accum": spec["accum"],
                   "max_length": spec["max_length"], "report_to": [],
-                  **({"gradient_checkpointing": True} if off else {})},
+                  **({"gradient_checkpointing": True} if off or spec["contender"] == "tuneforge_lean" else {})},
         "eval": {"baseline": False, "forgetting": False, "few_shot": 0, "max_examples": 1, "max_new_tokens": 4},
     }
     if spec["adapter"] == "qlora":
         recipe["train"]["optimizer"] = "adamw_torch"  # same optimizer as the TRL contenders
     if off:
         recipe["speed"] = {"padding_free": False, "liger": False, "fused_optimizer": False, "attention": "sdpa"}
+    if spec["contender"] == "tuneforge_sdpa":
+        recipe["speed"] = {"attention": "sdpa"}
     from tuneforge.run import RunDir
 
     try:
@@ -272,7 +277,8 @@ def worker(spec_path: str) -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.time()
-    fn = {"tuneforge": tuneforge_worker, "tuneforge_levers_off": tuneforge_worker, "trl_plain": trl_worker,
+    fn = {"tuneforge": tuneforge_worker, "tuneforge_levers_off": tuneforge_worker, "tuneforge_lean": tuneforge_worker,
+          "tuneforge_sdpa": tuneforge_worker, "trl_plain": trl_worker,
           "trl_best": trl_worker, "unsloth": unsloth_worker}[spec["contender"]]
     result = fn(spec)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -403,7 +409,7 @@ def main() -> None:
 def ratios(results: dict) -> dict:
     ours = results.get("tuneforge", {})
     out = {}
-    for other in ("trl_plain", "trl_best", "unsloth", "tuneforge_levers_off"):
+    for other in ("trl_plain", "trl_best", "unsloth", "tuneforge_levers_off", "tuneforge_sdpa"):
         theirs = results.get(other, {})
         if "tokens_per_s" in ours and "tokens_per_s" in theirs:
             out[f"speed_vs_{other}"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)

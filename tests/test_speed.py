@@ -68,6 +68,46 @@ def test_selective_checkpointing_matches_no_checkpointing(tmp_path, tiny_model_d
     assert_same_steps(plain, second)
 
 
+def test_varlen_attention_matches_sdpa(tmp_path, tiny_model_dir, small_sft_file):
+    """speed.attention varlen (example boundaries from the position ids, no mask) gives the sdpa path's steps; on CPU
+    it runs per-example causal sdpa, on CUDA torch's varlen kernel (bench/speed.py records that check)."""
+    _, plain = run_steps(tmp_path, tiny_model_dir, small_sft_file, "sdpa", speed={"padding_free": True, "attention": "sdpa"})
+    run, varlen = run_steps(tmp_path, tiny_model_dir, small_sft_file, "varlen",
+                            speed={"padding_free": True, "attention": "varlen"})
+    assert_same_steps(plain, varlen)
+    # the saved model names no tuneforge-only attention: it loads anywhere
+    import json
+
+    saved = json.loads((run.path / "model" / "config.json").read_text())
+    assert saved.get("_attn_implementation", "sdpa") != "varlen" and saved.get("attn_implementation") != "varlen"
+
+
+def test_varlen_boundaries_and_padded_fallback(tiny_model_dir):
+    """Boundaries come from the position ids; a padded batch (attention mask given) takes plain sdpa."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.speed import varlen
+
+    cu, longest = varlen.boundaries(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
+    assert cu.tolist() == [0, 3, 5, 9] and longest == 4
+    assert varlen.boundaries(torch.tensor([[0, 1, 2, 3]])) is None
+    varlen.register()
+    torch.manual_seed(0)
+    sdpa = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa").eval()
+    fast = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="varlen").eval()
+    ids = torch.randint(5, 100, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        assert torch.allclose(sdpa(ids, attention_mask=mask).logits[mask.bool()],
+                              fast(ids, attention_mask=mask).logits[mask.bool()], atol=1e-5)
+        packed = torch.cat([ids[0, :4], ids[1, :5]]).unsqueeze(0)
+        positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+        one = sdpa(ids[1:, :5]).logits[0]
+        assert torch.allclose(fast(packed, position_ids=positions).logits[0, 4:], one, atol=1e-5)
+
+
 def _recipe(**sections):
     return parse_recipe({"name": "t", "data": {"train": "x.jsonl"}, **sections})
 

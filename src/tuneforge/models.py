@@ -206,6 +206,10 @@ def load_base_model(model_section, *, quant=None, device: str | None = None, dty
     kwargs = dict(dtype=dtype, trust_remote_code=model_section.trust_remote_code, revision=model_section.revision,
                   use_safetensors=None if model_section.allow_pickle else True)
     if attention and attention != "auto":
+        if attention == "varlen":
+            from tuneforge.speed import varlen
+
+            varlen.register()
         kwargs["attn_implementation"] = attention
     if model_section.trust_remote_code:
         import warnings

@@ -303,8 +303,9 @@ class SpeedSection(_Section):
         "installed (pip install liger-kernel) and a supported model (Llama, Qwen, Mistral, Gemma, Phi3, ...).")
     fused_optimizer: bool | Literal["auto"] = Field(
         "auto", description="Fused AdamW kernel (adamw_torch -> adamw_torch_fused). auto = on with CUDA.")
-    attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = Field(
-        "auto", description="Attention kernel: auto = flash_attention_2 where flash-attn is installed on CUDA, else sdpa.")
+    attention: Literal["auto", "varlen", "sdpa", "flash_attention_2", "flex_attention", "eager"] = Field(
+        "auto", description="Attention kernel: auto = flash_attention_2 where flash-attn is installed on CUDA; else, for "
+        "padding-free batches on CUDA, varlen (PyTorch's varlen flash kernel, no mask built; speed/varlen.py); else sdpa.")
     fold_accumulation: bool | Literal["auto"] = Field(
         "auto", description="Merge the grad_accum micro-batches of a step into one (same examples per step, same loss) "
         "when the memory plan fits it. auto = on a GPU when it fits; the saved recipe shows the batch_size/grad_accum run.")

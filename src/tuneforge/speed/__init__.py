@@ -3,8 +3,8 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
 (tests/test_speed.py); the GPU benchmark (bench/speed.py) records the same check and the gains.
 
   padding_free     sft/cpt micro-batches are one row of real tokens (no padding), with position ids that restart
-                   at each example; attention never crosses an example boundary (transformers builds the
-                   block-diagonal mask from the position ids; flash-attention varlen where installed). Real
+                   at each example; attention never crosses an example boundary (varlen attention reads the
+                   boundaries from the position ids; with sdpa transformers builds a block-diagonal mask). Real
                    instruction data is short and varied, so padding to the longest example wastes most of a batch.
   liger            Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA, where liger-kernel is installed.
                    TRL already computes the loss through a chunked LM head that never materialises full logits.
@@ -15,7 +15,9 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
                    optimizer step; a small model's step is otherwise bound by Python and kernel-launch overhead),
                    then no checkpointing, then checkpointing every 2nd layer, then every layer.
   trainer overhead the Trainer counts FLOPs by walking every parameter each micro-batch; counted once here.
-  attention        auto = flash_attention_2 where flash-attn is installed on CUDA, else PyTorch sdpa.
+  attention        auto = flash_attention_2 where flash-attn is installed on CUDA; else, for padding-free batches on
+                   CUDA, varlen (speed/varlen.py: PyTorch's varlen flash kernel, example boundaries from the position
+                   ids, no dense mask); else PyTorch sdpa.
 
 `resolve(recipe, device, model_config)` turns every `auto` into a decision (written into the saved recipe, so
 a run directory says what ran); `training_arguments` and `sft_arguments` hand the decisions to TrainingArguments
@@ -59,7 +61,14 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
         s.fused_optimizer = cuda and recipe.train.optimizer == "adamw_torch"
         reasons["fused_optimizer"] = "adamw_torch on CUDA" if s.fused_optimizer else "only for adamw_torch on CUDA"
     if s.attention == "auto":
-        s.attention = "flash_attention_2" if cuda and flash_attention_available() else "sdpa"
+        from tuneforge.speed import varlen
+
+        if cuda and flash_attention_available():
+            s.attention = "flash_attention_2"
+        elif s.padding_free and varlen.available(device):
+            s.attention = "varlen"
+        else:
+            s.attention = "sdpa"
         reasons["attention"] = s.attention
     if recipe.train.gradient_checkpointing == "auto" or s.fold_accumulation == "auto":
         fold, gc, why = choose_layout(recipe, device, model_config, gpu_memory_gib, lengths)
