@@ -48,9 +48,10 @@ CASES = {
     "tiny-lora": ("tiny", "lora", 4, 2),
 }
 CONTENDERS = ["tuneforge", "trl_plain", "trl_best", "unsloth", "tuneforge_levers_off"]
-# also runnable: tuneforge_lean (defaults + checkpointing every layer: the memory-first layout),
+# also runnable: tuneforge_fast (speed.layout speed: the memory plan spends free memory on speed),
+# tuneforge_lean (the default memory layout with the accumulation micro-batches merged),
 # tuneforge_sdpa (defaults with speed.attention sdpa: what the varlen attention lever is worth)
-EXTRA_CONTENDERS = ["tuneforge_lean", "tuneforge_sdpa"]
+EXTRA_CONTENDERS = ["tuneforge_fast", "tuneforge_lean", "tuneforge_sdpa"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def tuneforge_worker(spec: dict) -> dict:
                                                  "target_modules": TARGETS})},
         "train": {"max_steps": spec["steps"], "batch_size": spec["batch"], "grad_accum": spec["accum"],
                   "max_length": spec["max_length"], "report_to": [],
-                  **({"gradient_checkpointing": True} if off or spec["contender"] == "tuneforge_lean" else {})},
+                  **({"gradient_checkpointing": True} if off else {})},
         "eval": {"baseline": False, "forgetting": False, "few_shot": 0, "max_examples": 1, "max_new_tokens": 4},
     }
     if spec["adapter"] == "qlora":
@@ -219,6 +220,10 @@ def tuneforge_worker(spec: dict) -> dict:
         recipe["speed"] = {"padding_free": False, "liger": False, "fused_optimizer": False, "attention": "sdpa"}
     if spec["contender"] == "tuneforge_sdpa":
         recipe["speed"] = {"attention": "sdpa"}
+    if spec["contender"] == "tuneforge_fast":
+        recipe["speed"] = {"layout": "speed"}
+    if spec["contender"] == "tuneforge_lean":
+        recipe["speed"] = {"fold_accumulation": True}
     from tuneforge.run import RunDir
 
     try:
@@ -278,6 +283,7 @@ def worker(spec_path: str) -> None:
         torch.cuda.reset_peak_memory_stats()
     started = time.time()
     fn = {"tuneforge": tuneforge_worker, "tuneforge_levers_off": tuneforge_worker, "tuneforge_lean": tuneforge_worker,
+          "tuneforge_fast": tuneforge_worker,
           "tuneforge_sdpa": tuneforge_worker, "trl_plain": trl_worker,
           "trl_best": trl_worker, "unsloth": unsloth_worker}[spec["contender"]]
     result = fn(spec)
@@ -409,7 +415,7 @@ def main() -> None:
 def ratios(results: dict) -> dict:
     ours = results.get("tuneforge", {})
     out = {}
-    for other in ("trl_plain", "trl_best", "unsloth", "tuneforge_levers_off", "tuneforge_sdpa"):
+    for other in ("trl_plain", "trl_best", "unsloth", "tuneforge_levers_off", "tuneforge_sdpa", "tuneforge_fast"):
         theirs = results.get(other, {})
         if "tokens_per_s" in ours and "tokens_per_s" in theirs:
             out[f"speed_vs_{other}"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)

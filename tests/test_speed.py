@@ -130,17 +130,17 @@ def test_auto_levers_resolve_per_device():
     config = reference_config("llama-8b")
     # 8B LoRA, 4 x 2048 tokens: 89 GiB planned without checkpointing, so padded batches of the worst case need it;
     # padding-free batches of real instruction data (a few hundred tokens each) fit an 80 GB GPU without it.
-    padded = _recipe(train={"batch_size": 4, "max_length": 2048}, speed={"padding_free": False})
+    padded = _recipe(train={"batch_size": 4, "max_length": 2048}, speed={"padding_free": False, "layout": "speed"})
     resolve(padded, "cuda", config, gpu_memory_gib=80.0, lengths=[2048] * 4 + [300] * 100)
     assert padded.train.gradient_checkpointing is True
-    roomy = _recipe(train={"batch_size": 4, "max_length": 2048})
+    roomy = _recipe(train={"batch_size": 4, "max_length": 2048}, speed={"layout": "speed"})
     reasons = resolve(roomy, "cuda", config, gpu_memory_gib=80.0, lengths=[2048] + [300] * 100)
     assert roomy.train.gradient_checkpointing is False and roomy.speed.fused_optimizer is True
     assert roomy.speed.fold_accumulation is False  # 16 of these examples in one micro-batch would not fit
     assert "1 x 2948 tokens" in reasons["layout"]  # the four longest examples, end to end
     assert training_arguments(roomy, "cuda")["optim"] == "adamw_torch_fused"
 
-    tight = _recipe(train={"batch_size": 4, "max_length": 2048})
+    tight = _recipe(train={"batch_size": 4, "max_length": 2048}, speed={"layout": "speed"})
     reasons = resolve(tight, "cuda", config, gpu_memory_gib=24.0)
     assert tight.train.gradient_checkpointing is True and tight.speed.checkpoint_every == 1
     assert tight.train.batch_size == 4 and tight.train.grad_accum == 4  # nothing merged when memory is tight
@@ -151,10 +151,17 @@ def test_auto_levers_resolve_per_device():
 
     on = plan_memory(config, adapter="lora", batch_size=4, seq_len=2048, gradient_checkpointing=True)["reserved_gib"]
     off = plan_memory(config, adapter="lora", batch_size=4, seq_len=2048, gradient_checkpointing=False)["reserved_gib"]
-    middle = _recipe(train={"batch_size": 4, "max_length": 2048}, speed={"memory_fraction": 1.0, "fold_accumulation": False})
+    middle = _recipe(train={"batch_size": 4, "max_length": 2048}, speed={"memory_fraction": 1.0, "fold_accumulation": False,
+                                                                       "layout": "speed"})
     resolve(middle, "cuda", config, gpu_memory_gib=(on + (off - on) / 2 + off) / 2)
     assert middle.train.gradient_checkpointing is True and middle.speed.checkpoint_every == 2
     assert training_arguments(middle, "cuda")["activation_checkpointing_kwargs"]["every_n_layers"] == 2
+
+    lean = _recipe(train={"batch_size": 8, "grad_accum": 2, "max_length": 2048})  # the default layout: memory
+    reasons = resolve(lean, "cuda", config, gpu_memory_gib=80.0, lengths=[400] * 500)
+    assert lean.train.gradient_checkpointing is True and lean.speed.checkpoint_every == 1
+    assert (lean.train.batch_size, lean.train.grad_accum) == (8, 2) and lean.speed.fold_accumulation is False
+    assert "layout memory" in reasons["layout"]
 
     explicit = _recipe(train={"gradient_checkpointing": True}, speed={"liger": False, "padding_free": False})
     resolve(explicit, "cuda", config, gpu_memory_gib=80.0)
@@ -166,12 +173,12 @@ def test_small_model_merges_accumulation_into_one_micro_batch():
     from tuneforge.guide.plan import reference_config
     from tuneforge.speed import resolve
 
-    recipe = _recipe(train={"batch_size": 8, "grad_accum": 2, "max_length": 2048})
+    recipe = _recipe(train={"batch_size": 8, "grad_accum": 2, "max_length": 2048}, speed={"layout": "speed"})
     reasons = resolve(recipe, "cuda", reference_config("llama-1b"), gpu_memory_gib=80.0, lengths=[400] * 500)
     assert (recipe.train.batch_size, recipe.train.grad_accum) == (16, 1)  # same 16 examples per optimizer step
     assert recipe.speed.fold_accumulation is True and recipe.train.gradient_checkpointing is False
     assert "micro-batch 16 x 1" in reasons["layout"]
-    kept = _recipe(train={"batch_size": 8, "grad_accum": 2}, speed={"fold_accumulation": False})
+    kept = _recipe(train={"batch_size": 8, "grad_accum": 2}, speed={"fold_accumulation": False, "layout": "speed"})
     resolve(kept, "cuda", reference_config("llama-1b"), gpu_memory_gib=80.0, lengths=[400] * 500)
     assert (kept.train.batch_size, kept.train.grad_accum) == (8, 2)
     cpu = _recipe(train={"batch_size": 8, "grad_accum": 2})

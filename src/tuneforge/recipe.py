@@ -310,6 +310,11 @@ class SpeedSection(_Section):
         "auto", description="Merge the grad_accum micro-batches of a step into one (same examples per step, same loss) "
         "when the memory plan fits it. auto = on a GPU when it fits; the saved recipe shows the batch_size/grad_accum run.")
     compile: bool = Field(False, description="torch.compile the model (slow start; pays on long runs with static shapes).")
+    layout: Literal["memory", "speed"] = Field(
+        "memory", description="What train.gradient_checkpointing: auto and fold_accumulation: auto optimise on a GPU. "
+        "memory = checkpoint every layer, micro-batches as written (the least memory; with varlen attention it "
+        "measured as fast as the speed layout on a 1B model). speed = the memory plan picks the fastest layout "
+        "that fits speed.memory_fraction (merged micro-batches, fewer recomputed layers).")
     memory_fraction: float = Field(
         0.85, gt=0.1, le=1.0, description="Share of GPU memory the memory plan may fill when train.gradient_checkpointing "
         "is auto (lower it to leave room for other processes).")

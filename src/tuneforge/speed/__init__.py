@@ -9,7 +9,9 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
   liger            Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA, where liger-kernel is installed.
                    TRL already computes the loss through a chunked LM head that never materialises full logits.
   fused_optimizer  AdamW as one fused kernel per step (adamw_torch -> adamw_torch_fused) on CUDA.
-  layout           train.gradient_checkpointing: auto and speed.fold_accumulation: auto -> the memory plan
+  layout           speed.layout memory (default): checkpointing every layer, micro-batches as written -- the least
+                   memory. speed.layout speed:
+                   train.gradient_checkpointing: auto and speed.fold_accumulation: auto -> the memory plan
                    (guide/plan.py), sized for the largest micro-batch the data can make, picks the fastest layout that
                    fits speed.memory_fraction of the GPU: accumulation micro-batches merged into one (same examples per
                    optimizer step; a small model's step is otherwise bound by Python and kernel-launch overhead),
@@ -121,6 +123,10 @@ def choose_layout(recipe, device: str, model_config, gpu_memory_gib: float | Non
     auto_fold = recipe.speed.fold_accumulation == "auto" and t.grad_accum > 1
     if device != "cuda":
         return 1, 0, "CPU: no checkpointing, micro-batches as written"
+    if recipe.speed.layout == "memory":
+        return 1, 1 if auto_gc or t.gradient_checkpointing else 0, (
+            "speed.layout memory: checkpointing every layer, micro-batches as written (speed.layout: speed lets the "
+            "memory plan spend free GPU memory on speed)")
     if model_config is None or gpu_memory_gib is None:
         return 1, 1, "no memory plan for this model: checkpointing every layer, micro-batches as written"
     from tuneforge.guide.plan import plan_memory

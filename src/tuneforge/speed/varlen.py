@@ -83,7 +83,11 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                 options["enable_gqa"] = True
             else:
                 k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        out = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+        dtype = q.dtype
+        if dtype not in (torch.float16, torch.bfloat16):  # e.g. QLoRA's fp32 activations: the kernel takes 16-bit
+            half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+            q, k, v = (t.to(half) for t in (q, k, v))
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, **options).to(dtype)
     else:
         bounds = cu.tolist()
         parts = []
