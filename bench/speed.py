@@ -46,6 +46,7 @@ CASES = {
     "llama-1b-qlora": ("llama-1b", "qlora", 8, 2),
     "llama-1b-full": ("llama-1b", "full", 8, 2),
     "tiny-lora": ("tiny", "lora", 4, 2),
+    "embedded-lora": ("embedded", "lora", 8, 2),  # the CPU case: SmolLM2-135M-Instruct, vs trl_equivalent
 }
 CONTENDERS = ["tuneforge", "trl_plain", "trl_best", "unsloth", "tuneforge_levers_off"]
 # also runnable: tuneforge_fast (speed.layout speed: the memory plan spends free memory on speed),
@@ -66,6 +67,10 @@ def model_config(name: str):
 
     if name == "tiny":
         return LlamaConfig(**TINY)
+    if name == "embedded":
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(build_model("embedded", Path("."), "cpu")))
     if name == "qwen2-1.5b":
         return Qwen2Config(**{k: v for k, v in QWEN2_1_5B.items() if k != "model_type"})
     return reference_config(name)
@@ -78,6 +83,11 @@ def build_model(name: str, workdir: Path, device: str) -> Path:
 
     from plan_vs_measured import byte_tokenizer
 
+    if name == "embedded":  # the embedded SmolLM2-135M-Instruct checkpoint (converted from its GGUF once)
+        from tuneforge.models import resolve_model_source
+        from tuneforge.recipe import EMBEDDED_MODEL
+
+        return Path(resolve_model_source(EMBEDDED_MODEL))
     folder = workdir / f"random-{name}"
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return folder
@@ -121,7 +131,10 @@ def make_data(path: Path, n: int, max_length: int, seed: int = 0, median: float 
 
 
 class StepTimer:
-    """A TrainerCallback (made a subclass at run time) timing each optimizer step with a CUDA sync at both ends."""
+    """A TrainerCallback (made a subclass at run time) timing each optimizer step as the period from one step's end
+    to the next (CUDA-synced): data loading, the step and logging, the same span tuneforge's contenders are timed
+    over (between consecutive metrics.jsonl rows). (Runs before 2026-11-25 timed the other contenders from step
+    begin to step end only, which left their data loading and logging out: in their favour.)"""
 
     def __init__(self):
         self.times, self.tokens, self.losses, self._start, self._tokens = [], [], [], None, 0
@@ -132,13 +145,15 @@ class StepTimer:
         timer = self
 
         class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
+            def on_train_begin(self, args, state, control, **kwargs):
                 _sync()
                 timer._start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
                 _sync()
-                timer.times.append(time.perf_counter() - timer._start)
+                now = time.perf_counter()
+                timer.times.append(now - timer._start)
+                timer._start = now
                 timer.tokens.append((state.num_input_tokens_seen or 0) - timer._tokens)
                 timer._tokens = state.num_input_tokens_seen or 0
 
@@ -166,6 +181,9 @@ def trl_worker(spec: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     best = spec["contender"] == "trl_best"
+    # trl_equivalent: the plain TRL script with the settings tuneforge resolves on a CPU (padding-free batches, no
+    # checkpointing, no Liger, adamw_torch): the "within 5% of plain TRL" comparison
+    equivalent = spec["contender"] == "trl_equivalent"
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     dtype = torch.bfloat16 if spec["device"] == "cuda" else torch.float32
     model_kwargs = {"dtype": dtype}
@@ -181,12 +199,14 @@ def trl_worker(spec: dict) -> dict:
     args = SFTConfig(output_dir=spec["workdir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
                      gradient_accumulation_steps=spec["accum"], learning_rate=2e-4 if peft_config else 2e-5,
                      logging_steps=1, report_to="none", save_strategy="no",
-                     **({} if best else {"max_length": spec["max_length"]}),
+                     **({} if best or equivalent else {"max_length": spec["max_length"]}),
                      include_num_input_tokens_seen="non_padding", bf16=spec["device"] == "cuda",
                      use_cpu=spec["device"] == "cpu", seed=42, dataloader_num_workers=0,
                      # TRL's padding-free mode cannot truncate; the data here is already shorter than max_length
                      **({"padding_free": True, "max_length": None, "use_liger_kernel": spec["device"] == "cuda"}
-                        if best else {}))
+                        if best else {}),
+                     **({"padding_free": True, "max_length": None, "gradient_checkpointing": False,
+                         "optim": "adamw_torch"} if equivalent else {}))
     trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=spec["data"])["train"],
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[timer.make()])
     trainer.train()
@@ -284,7 +304,7 @@ def worker(spec_path: str) -> None:
     started = time.time()
     fn = {"tuneforge": tuneforge_worker, "tuneforge_levers_off": tuneforge_worker, "tuneforge_lean": tuneforge_worker,
           "tuneforge_fast": tuneforge_worker,
-          "tuneforge_sdpa": tuneforge_worker, "trl_plain": trl_worker,
+          "tuneforge_sdpa": tuneforge_worker, "trl_plain": trl_worker, "trl_equivalent": trl_worker,
           "trl_best": trl_worker, "unsloth": unsloth_worker}[spec["contender"]]
     result = fn(spec)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -415,7 +435,8 @@ def main() -> None:
 def ratios(results: dict) -> dict:
     ours = results.get("tuneforge", {})
     out = {}
-    for other in ("trl_plain", "trl_best", "unsloth", "tuneforge_levers_off", "tuneforge_sdpa", "tuneforge_fast"):
+    for other in ("trl_plain", "trl_best", "trl_equivalent", "unsloth", "tuneforge_levers_off", "tuneforge_sdpa",
+                  "tuneforge_fast"):
         theirs = results.get(other, {})
         if "tokens_per_s" in ours and "tokens_per_s" in theirs:
             out[f"speed_vs_{other}"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
