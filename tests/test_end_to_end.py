@@ -28,3 +28,29 @@ def test_quickstart_short_run_learns(tmp_path):
     assert "held-out results" in proc.stdout and "exact_match" in proc.stdout
     assert json.loads((out / "status.json").read_text())["state"] == "completed"
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_qlora_sft_then_dpo_recipe_on_the_embedded_model(tmp_path):
+    """recipes/qlora-sft-dpo.yaml (seed 000 step 12) end to end on the embedded model, CI-sized: two QLoRA SFT steps,
+    then two DPO steps continuing that adapter; both stages finish, the DPO stage starts from the SFT adapter and
+    reports held-out preference accuracy before and after."""
+    out = tmp_path / "pref"
+    sizes = ["train.max_steps=2", "train.batch_size=4", "train.grad_accum=1", "data.max_examples=40",
+             "eval.max_examples=4", "eval.max_new_tokens=8", "stages.1.train.max_steps=2", "stages.1.train.batch_size=2",
+             "stages.1.train.grad_accum=1", "stages.1.eval.max_examples=4", "stages.1.eval.max_new_tokens=8",
+             "preference.eval_pairs=8"]
+    args = [arg for size in sizes for arg in ("--set", size)]
+    proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(ROOT / "recipes" / "qlora-sft-dpo.yaml"),
+                           "--output", str(out), *args], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["sft", "dpo"]
+    for stage in ("sft", "dpo"):
+        assert json.loads((out / stage / "status.json").read_text())["state"] == "completed"
+        assert (out / stage / "adapter" / "adapter_model.safetensors").exists()
+    dpo_recipe = (out / "dpo" / "recipe.yaml").read_text()
+    assert "qlora" in dpo_recipe and str(out / "sft") in dpo_recipe  # QLoRA, continuing the SFT stage's adapter
+    preference = json.loads((out / "dpo" / "eval" / "preference.json").read_text())
+    assert preference["before"]["n"] == preference["after"]["n"] == 8
+    assert preference["before"]["implicit_reward"] == 50.0  # the start model is the reference
