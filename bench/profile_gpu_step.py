@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,6 +20,8 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from profile_step import timed
 
     from speed import TARGETS, model_config
     from tuneforge.speed import varlen
@@ -53,16 +54,7 @@ def main() -> None:
         out = model(input_ids=ids, position_ids=positions, labels=ids)
         out.loss.backward()
 
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times)[1]
+    seconds = timed(step, repeat=3)
     params = sum(p.numel() for p in model.parameters())
     useful = 4 * params * args.tokens
     print(json.dumps({"model": args.model, "tokens": args.tokens, "examples": len(lengths), "step_s": round(seconds, 4),
@@ -96,16 +88,8 @@ def main() -> None:
         def step():
             trainer.training_step(trainer.model, dict(batch), num_items_in_batch=None)
 
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(3):
-            begin = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - begin)
-        print(json.dumps({"trainer_training_step_s": round(sorted(times)[1], 4), "batch_keys": sorted(batch)}), flush=True)
+        print(json.dumps({"trainer_training_step_s": round(timed(step, repeat=3), 4), "batch_keys": sorted(batch)}),
+              flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()

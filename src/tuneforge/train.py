@@ -68,11 +68,7 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
         run_doctor(recipe, tokenizer, data, console)
     absolute_data_paths(recipe)
 
-    run = RunDir(path)
-    if resume:
-        run.set_status("running", resumed_from=checkpoint.name)
-    else:
-        run.create(overwrite=overwrite)
+    run = open_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite)
     try:
         from tuneforge.guards import train_with_oom_retry  # train.oom_retry: smaller micro-batch, same effective batch
 
@@ -81,6 +77,17 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
+
+
+def open_run(path, *, checkpoint, overwrite: bool) -> RunDir:
+    """The run directory: created fresh (refusing to overwrite unless asked), or, resuming from `checkpoint`, marked
+    running again."""
+    run = RunDir(path)
+    if checkpoint is not None:
+        run.set_status("running", resumed_from=checkpoint.name)
+    else:
+        run.create(overwrite=overwrite)
+    return run
 
 
 def target_run(recipe: Recipe, output: str | None, *, overwrite: bool, resume: bool, console):

@@ -20,7 +20,7 @@ from pathlib import Path
 from tuneforge.errors import DataError, RunDirError
 from tuneforge.recipe import recipe_to_yaml
 from tuneforge.run import RunDir, environment
-from tuneforge.train import (absolute_data_paths, finish_run, forgetting_summary, print_data_summary,
+from tuneforge.train import (absolute_data_paths, finish_run, forgetting_summary, open_run, print_data_summary,
                              probe_after_training, probe_before_training, run_doctor, score_model, target_run)
 
 POLICY_METHODS = ("ppo", "grpo", "rloo", "online_dpo")
@@ -61,11 +61,7 @@ def train_rl(recipe, *, output: str | None = None, overwrite: bool = False, cons
         resolved = resolve_path(recipe, recipe.rl.reward_model)
         if resolved and Path(resolved).exists():
             recipe.rl.reward_model = str(Path(resolved).resolve())
-    run = RunDir(path)
-    if resume:
-        run.set_status("running", resumed_from=checkpoint.name)
-    else:
-        run.create(overwrite=overwrite)
+    run = open_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite)
     try:
         return _train_rl_in(run, recipe, tokenizer, data, device, console, checkpoint)
     except BaseException as exc:
