@@ -106,6 +106,10 @@ def test_varlen_boundaries_and_padded_fallback(tiny_model_dir):
         positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
         one = sdpa(ids[1:, :5]).logits[0]
         assert torch.allclose(fast(packed, position_ids=positions).logits[0, 4:], one, atol=1e-5)
+        # boundaries sent by the collator (as TRL's padding-free collator does) give the same result
+        sent = fast(packed, position_ids=positions, cu_seq_lens_q=torch.tensor([0, 4, 9]), max_length_q=5,
+                    cu_seq_lens_k=torch.tensor([0, 4, 9]), max_length_k=5).logits[0, 4:]
+        assert torch.allclose(sent, one, atol=1e-5)
 
 
 def _recipe(**sections):

@@ -9,8 +9,9 @@ installed everywhere (it was not on the benchmark machine). PyTorch >= 2.10 ship
 
   - the mask function returns None when the batch has no padding (so no dense mask is built); with padding (eval
     batches, generation) it is transformers' sdpa mask and attention is transformers' sdpa, unchanged;
-  - the attention function reads the example boundaries from the position ids once per forward (cached on the
-    position-ids tensor, which every layer receives) and calls varlen_attn on CUDA; on CPU, where varlen_attn has no
+  - the attention function takes the example boundaries the padding-free collator sends (cu_seq_lens_q and
+    max_length_q, TRL's collator does), else reads them from the position ids once per forward (cached on the
+    position-ids tensor, which every layer receives), and calls varlen_attn on CUDA; on CPU, where varlen_attn has no
     kernel, it runs causal sdpa on each example in turn (the same arithmetic; tests/test_speed.py checks it against
     the plain path).
 """
@@ -65,7 +66,12 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     position_ids = kwargs.get("position_ids")
     packed = (attention_mask is None and position_ids is not None and query.shape[0] == 1
               and query.shape[2] == key.shape[2] and position_ids.shape[-1] == query.shape[2])
-    found = boundaries(position_ids) if packed else None
+    given = kwargs.get("cu_seq_lens_q")
+    if packed and given is not None and kwargs.get("max_length_q") is not None:
+        # TRL's padding-free collator already sends the boundaries: no device sync to find them
+        found = (given.to(device=query.device, dtype=torch.int32), int(kwargs["max_length_q"]))
+    else:
+        found = boundaries(position_ids) if packed else None
     if found is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     cu, longest = found
