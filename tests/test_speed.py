@@ -188,6 +188,11 @@ def test_small_model_merges_accumulation_into_one_micro_batch():
     cpu = _recipe(train={"batch_size": 8, "grad_accum": 2})
     resolve(cpu, "cpu")
     assert (cpu.train.batch_size, cpu.train.grad_accum) == (8, 2) and cpu.speed.fold_accumulation is False
+    asked = _recipe(train={"batch_size": 8, "grad_accum": 4}, speed={"fold_accumulation": True})  # explicit: merged
+    resolve(asked, "cuda", reference_config("llama-1b"), gpu_memory_gib=80.0, lengths=[400] * 500)
+    assert (asked.train.batch_size, asked.train.grad_accum) == (32, 1) and asked.train.gradient_checkpointing is True
+    resolve(asked, "cuda", reference_config("llama-1b"), gpu_memory_gib=80.0)  # a resumed run's saved recipe: no change
+    assert (asked.train.batch_size, asked.train.grad_accum) == (32, 1)
 
 
 def test_merged_micro_batch_gives_the_accumulated_losses(tmp_path, tiny_model_dir, small_sft_file):

@@ -83,6 +83,10 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
                 recipe.train.batch_size *= fold
                 recipe.train.grad_accum //= fold
         reasons["layout"] = why
+    if s.fold_accumulation is True and recipe.train.grad_accum > 1:  # asked for explicitly: merge them all
+        recipe.train.batch_size *= recipe.train.grad_accum
+        recipe.train.grad_accum = 1
+        reasons["fold_accumulation"] = f"speed.fold_accumulation true: one micro-batch of {recipe.train.batch_size}"
     return reasons
 
 
