@@ -176,6 +176,7 @@ def test_gkd_distils_from_a_teacher(tmp_path, tiny_model_dir, small_sft_file):
     ({"rewards": [{"name": "regex", "options": {"pattern": "x"}}], "num_generations": 3}, "grpo", "rl.num_generations",
      "must be a multiple of it"),
     ({"reward_model": "r", "num_mini_batches": 3}, "ppo", "rl.num_mini_batches", "must divide"),
+    ({"reward_model": "r", "use_vllm": True}, "ppo", "rl.use_vllm", "no vLLM path"),
 ])
 def test_rl_recipe_checks(rl, method, key, message):
     data = {"name": "x", "method": method, "data": {"train": "t.jsonl"}, "train": {"batch_size": 4, "grad_accum": 1},

@@ -470,6 +470,10 @@ def check_rl_recipe(recipe: Recipe) -> None:
             raise KeyedValueError("rl.num_mini_batches", f"ppo splits each batch of rollouts (train.batch_size x "
                                                          f"grad_accum = {batch}) into num_mini_batches; it must divide "
                                                          f"it (got {rl.num_mini_batches})")
+        if rl.use_vllm:
+            raise KeyedValueError("rl.use_vllm", "ppo samples its rollouts with transformers generate (tuneforge's PPO "
+                                                 "loop has no vLLM path); set rl.use_vllm: false, or use grpo / rloo / "
+                                                 "online_dpo, which generate with vLLM")
     if recipe.train.packing:
         raise KeyedValueError("train.packing", f"method {method} scores whole sequences (pairs or rollouts); packing "
                                                f"does not apply: set train.packing: false")
