@@ -21,7 +21,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from profile_step import timed
+    from profile_step import timed, trainer_step_on
 
     from speed import TARGETS, model_config
     from tuneforge.speed import varlen
@@ -64,7 +64,7 @@ def main() -> None:
 
     if args.trainer:  # the same micro-batch through TRL's SFTTrainer.training_step (what tuneforge runs)
         from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
         from plan_vs_measured import byte_tokenizer
 
@@ -78,17 +78,8 @@ def main() -> None:
         sft = SFTConfig(output_dir="/tmp/profile-trainer", per_device_train_batch_size=len(rows), report_to="none",
                         padding_free=True, max_length=None, bf16=True, use_liger_kernel=True, logging_steps=1,
                         gradient_checkpointing=not args.no_checkpointing, optim="adamw_torch_fused")
-        trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer)
-        batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
-        batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}
-        trainer.model.train()
-        trainer.create_optimizer_and_scheduler(num_training_steps=10)
-        trainer.current_gradient_accumulation_steps = 1
-
-        def step():
-            trainer.training_step(trainer.model, dict(batch), num_items_in_batch=None)
-
-        print(json.dumps({"trainer_training_step_s": round(timed(step, repeat=3), 4), "batch_keys": sorted(batch)}),
+        step = trainer_step_on(model, tokenizer, dataset, sft)
+        print(json.dumps({"trainer_training_step_s": round(timed(step, repeat=3), 4), "batch_keys": step.batch_keys}),
               flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()

@@ -31,6 +31,24 @@ def timed(fn, repeat=5):
     return sorted(times)[len(times) // 2]
 
 
+def trainer_step_on(model, tokenizer, dataset, config):
+    """TRL's SFTTrainer.training_step on the whole `dataset` collated as one micro-batch (on the GPU): a callable."""
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}
+    trainer.model.train()
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    trainer.current_gradient_accumulation_steps = 1
+
+    def step():
+        trainer.training_step(trainer.model, dict(batch), num_items_in_batch=None)
+
+    step.batch_keys = sorted(batch)
+    return step
+
+
 def main():
     import torch
     from datasets import Dataset
@@ -75,17 +93,8 @@ def main():
     config = SFTConfig(output_dir="/tmp/profile-out", per_device_train_batch_size=args.batch, report_to="none",
                        padding_free=True, max_length=None, bf16=True, use_liger_kernel=args.liger,
                        gradient_checkpointing=False, logging_steps=1)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
-    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}
-    trainer.model.train()
-    trainer.create_optimizer_and_scheduler(num_training_steps=10)
-    trainer.current_gradient_accumulation_steps = 1
+    trainer_step = trainer_step_on(model, tokenizer, dataset, config)
     print(json.dumps(report), flush=True)
-
-    def trainer_step():
-        trainer.training_step(trainer.model, dict(batch), num_items_in_batch=None)
-
     report["trainer_training_step_s"] = timed(trainer_step)
     # The whole Trainer loop (data, optimizer, logging, callbacks) for a few steps, under cProfile
     import cProfile
