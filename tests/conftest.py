@@ -73,3 +73,35 @@ def tiny_recipe(model_dir, data_file, **sections) -> dict:
 
 def read_metrics(run_path: Path) -> list[dict]:
     return [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def kill_job(pid: int) -> None:
+    """SIGKILL a launched job the way a machine crash would: the process group started for it and every process
+    descended from it (torch's launcher starts each rank in its own session, outside the launcher's group, so
+    killing the group alone would leave the ranks training on)."""
+    import os
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for process in tree:
+        try:
+            os.kill(process, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

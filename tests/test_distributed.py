@@ -9,7 +9,6 @@ TrainingArguments is tested instead, and the CPU launch of fsdp is refused.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from conftest import read_metrics, tiny_recipe
+from conftest import read_metrics, tiny_recipe, kill_job
 
 LOSS_TOL = 1e-4
 
@@ -103,7 +102,7 @@ def test_resume_under_two_processes_continues_with_same_losses(tmp_path, tiny_mo
     deadline = time.time() + 200
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_job(proc.pid)
     proc.wait()
     assert marker.exists()
     assert '"completed"' not in (killed / "status.json").read_text()

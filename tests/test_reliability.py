@@ -10,8 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from conftest import read_metrics, tiny_recipe
+from conftest import read_metrics, tiny_recipe, kill_job
 from tuneforge.recipe import parse_recipe
 from tuneforge.train import train
 
@@ -104,7 +102,7 @@ def test_sigkill_during_a_save_keeps_previous_checkpoint_and_resumes(tmp_path, t
     deadline = time.time() + 240
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_job(proc.pid)
     proc.wait()
     assert marker.exists(), "the run never reached the save of step 4"
 

@@ -5,8 +5,6 @@ killed during its second stage."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from conftest import read_metrics, tiny_recipe
+from conftest import read_metrics, tiny_recipe, kill_job
 
 
 def _recipe_file(tmp_path, tiny_model_dir, small_sft_file, adapter_type, *, steps=60, save_every=5,
@@ -45,7 +43,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, sma
     deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_job(proc.pid)
     proc.wait()
     assert marker.exists()
     assert '"completed"' not in (killed / "status.json").read_text()  # really interrupted
@@ -74,7 +72,7 @@ def _kill_when(cmd, marker, timeout=300):
     deadline = time.time() + timeout
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_job(proc.pid)
     proc.wait()
     return marker.exists()
 
