@@ -48,8 +48,8 @@ from tuneforge.methods.common import common_arguments
 # The pieces of one update, each a plain function of tensors (tests/test_rl.py checks them by hand)
 
 
-def masked_mean(values, mask, dim=None):
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1) if dim is not None else (values * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(values, mask, shift_mean: bool = True):
@@ -135,15 +135,6 @@ def token_scores(model, ids, mask):
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
     return score_head(model)(hidden).squeeze(-1).float()
-
-
-def no_dropout(*models) -> None:
-    for model in models:
-        if model is None:
-            continue
-        for module in model.modules():
-            if isinstance(module, __import__("torch").nn.Dropout):
-                module.p = 0.0
 
 
 def value_model_from(reward_model):
@@ -297,7 +288,6 @@ def ppo_trainer_class():
             self.state.max_steps, self.state.global_step, self.state.epoch = updates, 0, 0.0
             self.state.num_input_tokens_seen = 0
             self.state.logging_steps = t.logging_steps
-            no_dropout(self.policy, self.value_model, self.reward_model, self.ref_model)
             for model in (self.policy, self.value_model, self.reward_model, self.ref_model):
                 if model is not None:
                     model.eval()  # no dropout; the update still takes gradients

@@ -72,21 +72,20 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
         else:
             s.attention = "sdpa"
         reasons["attention"] = s.attention
+    fold = 1
     if recipe.train.gradient_checkpointing == "auto" or s.fold_accumulation == "auto":
         fold, gc, why = choose_layout(recipe, device, model_config, gpu_memory_gib, lengths)
         if recipe.train.gradient_checkpointing == "auto":
             recipe.train.gradient_checkpointing = gc > 0
             s.checkpoint_every = gc or 1
-        if s.fold_accumulation == "auto":
-            s.fold_accumulation = fold > 1
-            if fold > 1:  # same examples per optimizer step; transformers normalises the loss by the step's tokens
-                recipe.train.batch_size *= fold
-                recipe.train.grad_accum //= fold
         reasons["layout"] = why
-    if s.fold_accumulation is True and recipe.train.grad_accum > 1:  # asked for explicitly: merge them all
-        recipe.train.batch_size *= recipe.train.grad_accum
-        recipe.train.grad_accum = 1
-        reasons["fold_accumulation"] = f"speed.fold_accumulation true: one micro-batch of {recipe.train.batch_size}"
+    if s.fold_accumulation == "auto":
+        s.fold_accumulation = fold > 1
+    elif s.fold_accumulation is True:  # asked for explicitly: all of a step's micro-batches in one
+        fold = recipe.train.grad_accum
+    if fold > 1:  # same examples per optimizer step; transformers normalises the loss by the step's tokens
+        recipe.train.batch_size *= fold
+        recipe.train.grad_accum //= fold
     return reasons
 
 

@@ -18,14 +18,17 @@ installed everywhere (it was not on the benchmark machine). PyTorch >= 2.10 ship
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 NAME = "varlen"
 _last: dict = {}
 
 
+@functools.lru_cache(maxsize=1)
 def varlen_kernel():
-    """torch's varlen_attn and the keyword that makes it causal, or None where this torch has none."""
+    """torch's varlen_attn and its keyword names, or None where this torch has none (looked up once: it is read by
+    every attention call)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
