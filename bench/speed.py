@@ -9,8 +9,8 @@ Same model architecture (random init from a config, fixed seed: no download), sa
 realistic length distribution: log-normal, median ~350 tokens, long tail cut at max_length 2048), same LoRA config
 (r 16, alpha 32, dropout 0.05, all seven projections), same examples per optimizer step. Every contender runs in its
 own process (an empty allocator each; Unsloth with its own pinned libraries from --unsloth-path), the order of the
-contenders alternates from case to case, the first --warmup steps are excluded, and the reported step time is the
-median of the measured steps. Reported per contender: real (non-padding) tokens/s, peak GPU memory
+contenders alternates from case to case, the first --warmup steps are excluded, and the reported rate is the
+median of the measured steps' rates (a step stalled by a one-off Triton compile does not count; the mean is kept too). Reported per contender: real (non-padding) tokens/s, peak GPU memory
 (max_memory_allocated), useful model-FLOPs utilisation (4 x params x tokens for LoRA/QLoRA, 6 x for full
 fine-tuning, plus attention, against the bf16 matmul peak measured at the start of the same run), and the losses of
 the first steps (tuneforge with all levers off runs too, so the levers' numerical check is in the same file).
@@ -49,10 +49,15 @@ CASES = {
     "embedded-lora": ("embedded", "lora", 8, 2),  # the CPU case: SmolLM2-135M-Instruct, vs trl_equivalent
 }
 CONTENDERS = ["tuneforge", "trl_plain", "trl_best", "unsloth", "tuneforge_levers_off"]
-# also runnable: tuneforge_fast (speed.layout speed: the memory plan spends free memory on speed),
-# tuneforge_lean (the default memory layout with the accumulation micro-batches merged),
-# tuneforge_sdpa (defaults with speed.attention sdpa: what the varlen attention lever is worth)
-EXTRA_CONTENDERS = ["tuneforge_fast", "tuneforge_lean", "tuneforge_sdpa"]
+# Also runnable: tuneforge with one speed setting changed from its defaults (what that setting is worth, same run).
+TUNEFORGE_VARIANTS = {
+    "tuneforge_fast": {"layout": "speed"},  # the memory plan spends free GPU memory on speed
+    "tuneforge_unmerged": {"fold_accumulation": False},  # the micro-batches as written (the layout before 2026-11-25b)
+    "tuneforge_no_offload": {"offload_checkpoints": False},  # checkpoints kept on the GPU
+    "tuneforge_sdpa": {"attention": "sdpa"},  # what the varlen attention lever is worth
+    "tuneforge_peft_cast": {"lora_autocast": False},  # what skipping PEFT's fp32 input copies is worth
+}
+EXTRA_CONTENDERS = list(TUNEFORGE_VARIANTS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,12 +243,8 @@ def tuneforge_worker(spec: dict) -> dict:
         recipe["train"]["optimizer"] = "adamw_torch"  # same optimizer as the TRL contenders
     if off:
         recipe["speed"] = {"padding_free": False, "liger": False, "fused_optimizer": False, "attention": "sdpa"}
-    if spec["contender"] == "tuneforge_sdpa":
-        recipe["speed"] = {"attention": "sdpa"}
-    if spec["contender"] == "tuneforge_fast":
-        recipe["speed"] = {"layout": "speed"}
-    if spec["contender"] == "tuneforge_lean":
-        recipe["speed"] = {"fold_accumulation": True}
+    if spec["contender"] in TUNEFORGE_VARIANTS:
+        recipe["speed"] = dict(TUNEFORGE_VARIANTS[spec["contender"]])
     from tuneforge.run import RunDir
 
     try:
@@ -299,13 +300,16 @@ def worker(spec_path: str) -> None:
     import torch
 
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("profile"):
+        import step_profiler
+
+        step_profiler.install(Path(spec["workdir"]) / "PROFILE.txt", start=spec["profile"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.time()
-    fn = {"tuneforge": tuneforge_worker, "tuneforge_levers_off": tuneforge_worker, "tuneforge_lean": tuneforge_worker,
-          "tuneforge_fast": tuneforge_worker,
-          "tuneforge_sdpa": tuneforge_worker, "trl_plain": trl_worker, "trl_equivalent": trl_worker,
-          "trl_best": trl_worker, "unsloth": unsloth_worker}[spec["contender"]]
+    fn = {"tuneforge": tuneforge_worker, "tuneforge_levers_off": tuneforge_worker,
+          **{name: tuneforge_worker for name in TUNEFORGE_VARIANTS}, "trl_plain": trl_worker,
+          "trl_equivalent": trl_worker, "trl_best": trl_worker, "unsloth": unsloth_worker}[spec["contender"]]
     result = fn(spec)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     result["wall_s"] = round(time.time() - started, 1)
@@ -346,8 +350,11 @@ def summarise(result: dict, warmup: int, flops_per_token: float, peak_tflops: fl
     if not times:
         return {"error": "no measured steps"}
     per_step = statistics.median(times)
-    tokens_per_s = sum(tokens) / sum(times)
-    out = {"tokens_per_s": round(tokens_per_s, 1), "median_step_s": round(per_step, 4),
+    # the median of the steps' own rates: a step that stalls (a Triton kernel compiled for a new shape, a page of
+    # the data read) does not move it; the mean over all measured steps is kept beside it
+    tokens_per_s = statistics.median(n / t for n, t in zip(tokens, times))
+    out = {"tokens_per_s": round(tokens_per_s, 1), "tokens_per_s_mean": round(sum(tokens) / sum(times), 1),
+           "median_step_s": round(per_step, 4),
            "real_tokens_per_step": round(sum(tokens) / len(tokens), 1), "peak_gib": result.get("peak_gib"),
            "losses": [round(x, 4) for x in result["losses"][:6]], "settings": result.get("settings"),
            "measured_steps": len(times), "wall_s": result.get("wall_s"), "versions": result.get("versions")}
@@ -363,7 +370,7 @@ def run_contender(contender: str, case: str, args, folder: Path, data: Path, eva
     spec = {"contender": contender, "model": str(folder), "adapter": adapter, "batch": batch, "accum": accum,
             "steps": args.warmup + args.steps, "max_length": args.max_length, "data": str(data),
             "eval_data": str(eval_data), "workdir": str(workdir), "device": device,
-            "result": str(workdir / "result.json")}
+            "result": str(workdir / "result.json"), "profile": args.profile}
     (workdir / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ)
     if contender == "unsloth":
@@ -396,6 +403,9 @@ def main() -> None:
     parser.add_argument("--unsloth-path", default=None, help="a pip --target folder with Unsloth and its pinned libs")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEP",
+                        help="profile steps STEP+1.. of each contender (bench/step_profiler.py: PROFILE.txt in its "
+                             "work folder); timings of profiled runs are not comparable")
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
@@ -435,8 +445,7 @@ def main() -> None:
 def ratios(results: dict) -> dict:
     ours = results.get("tuneforge", {})
     out = {}
-    for other in ("trl_plain", "trl_best", "trl_equivalent", "unsloth", "tuneforge_levers_off", "tuneforge_sdpa",
-                  "tuneforge_fast"):
+    for other in ("trl_plain", "trl_best", "trl_equivalent", "unsloth", "tuneforge_levers_off", *TUNEFORGE_VARIANTS):
         theirs = results.get(other, {})
         if "tokens_per_s" in ours and "tokens_per_s" in theirs:
             out[f"speed_vs_{other}"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)

@@ -112,6 +112,117 @@ def test_varlen_boundaries_and_padded_fallback(tiny_model_dir):
         assert torch.allclose(sent, one, atol=1e-5)
 
 
+def test_lora_autocast_gives_the_same_step_without_the_fp32_copies(tiny_model_dir):
+    """speed.lora_autocast: under bf16 autocast the LoRA branch takes the 16-bit input as it is; losses and adapter
+    gradients are bit-for-bit PEFT's (the matmul ran in bf16 either way), with fewer dtype copies; without autocast
+    (generation, evaluation outside the Trainer) PEFT's own cast still runs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.profiler import profile
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.speed import lora_autocast
+
+    def lora_model():
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+        return get_peft_model(base, config)
+
+    ids = torch.randint(5, 100, (2, 12))
+
+    def step(model):
+        model.zero_grad()
+        with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        copies = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.item(), grads, copies
+
+    plain = lora_model()
+    assert next(p for n, p in plain.named_parameters() if "lora_A" in n).dtype == torch.float32  # PEFT's fp32 adapters
+    fast = lora_model()
+    assert lora_autocast.install(fast) == 14  # 7 projections x 2 layers
+    assert lora_autocast.install(fast) == 14  # idempotent: no second hook
+    plain_loss, plain_grads, plain_copies = step(plain)
+    fast_loss, fast_grads, fast_copies = step(fast)
+    assert fast_loss == plain_loss
+    assert plain_grads.keys() == fast_grads.keys() and len(fast_grads) == 28
+    for name, grad in plain_grads.items():
+        assert torch.equal(grad, fast_grads[name]), name
+    assert fast_copies < plain_copies
+    with torch.no_grad():  # no autocast: PEFT casts (bf16 input, fp32 adapter) as before
+        out = fast(input_ids=ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    # an fp32 base has nothing to skip
+    full_width = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+                                LoraConfig(r=4, target_modules=["q_proj"]))
+    assert lora_autocast.install(full_width) == 0
+
+
+def test_offloaded_checkpoints_give_the_same_step(tiny_model_dir):
+    """speed.offload_checkpoints: each checkpointed layer's input goes out through the saved-tensor hooks and comes
+    back for the recomputation; losses and gradients equal plain checkpointing. (On CPU the tensors are already in
+    host memory: include_cpu runs the same bookkeeping with a copy; the side-stream copy is CUDA-only and recorded
+    by bench/speed.py.)"""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.speed import offload
+
+    def run(offloaded: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        model.train()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if offloaded:
+            assert offload.install(model, include_cpu=True) == 2
+            assert offload.install(model, include_cpu=True) == 2  # idempotent: wrapped once
+        ids = torch.randint(5, 100, (2, 16))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    packed = []
+    original = offload._pack
+
+    def counting(tensor, include_cpu=False):
+        out = original(tensor, include_cpu=include_cpu)
+        packed.append(isinstance(out, offload._Offloaded))
+        return out
+
+    plain_loss, plain_grads = run(False)
+    offload._pack = counting
+    try:
+        loss, grads = run(True)
+    finally:
+        offload._pack = original
+    assert loss == plain_loss and grads.keys() == plain_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain_grads[name], atol=1e-6), name
+    assert packed.count(True) == 2  # the input of each of the 2 checkpointed layers, nothing else
+
+
+def test_lora_autocast_resolves_with_mixed_precision():
+    from tuneforge.speed import resolve
+
+    cpu = _recipe()
+    reasons = resolve(cpu, "cpu")
+    assert cpu.speed.lora_autocast is False and "mixed precision" in reasons["lora_autocast"]
+    gpu = _recipe(train={"precision": "bf16"})
+    resolve(gpu, "cuda")
+    assert gpu.speed.lora_autocast is True
+    full = _recipe(adapter={"type": "full"}, train={"precision": "bf16"})
+    resolve(full, "cuda")
+    assert full.speed.lora_autocast is False
+    kept = _recipe(train={"precision": "bf16"}, speed={"lora_autocast": False})
+    resolve(kept, "cuda")
+    assert kept.speed.lora_autocast is False
+
+
 def _recipe(**sections):
     return parse_recipe({"name": "t", "data": {"train": "x.jsonl"}, **sections})
 
@@ -161,11 +272,24 @@ def test_auto_levers_resolve_per_device():
     assert middle.train.gradient_checkpointing is True and middle.speed.checkpoint_every == 2
     assert training_arguments(middle, "cuda")["activation_checkpointing_kwargs"]["every_n_layers"] == 2
 
-    lean = _recipe(train={"batch_size": 8, "grad_accum": 2, "max_length": 2048})  # the default layout: memory
+    # the default layout, memory: every layer checkpointed (inputs offloaded to CPU), micro-batches merged when the
+    # merged worst case fits the budget by the plan
+    lean = _recipe(train={"batch_size": 8, "grad_accum": 2, "max_length": 2048})
     reasons = resolve(lean, "cuda", config, gpu_memory_gib=80.0, lengths=[400] * 500)
     assert lean.train.gradient_checkpointing is True and lean.speed.checkpoint_every == 1
-    assert (lean.train.batch_size, lean.train.grad_accum) == (8, 2) and lean.speed.fold_accumulation is False
-    assert "layout memory" in reasons["layout"]
+    assert (lean.train.batch_size, lean.train.grad_accum) == (16, 1) and lean.speed.fold_accumulation is True
+    assert lean.speed.offload_checkpoints is True
+    assert "layout memory" in reasons["layout"] and "merged" in reasons["layout"]
+    long_rows = _recipe(train={"batch_size": 8, "grad_accum": 4, "max_length": 2048})
+    reasons = resolve(long_rows, "cuda", config, gpu_memory_gib=24.0, lengths=[2048] * 500)
+    assert (long_rows.train.batch_size, long_rows.train.grad_accum) == (8, 4)  # 32 x 2048 merged would not fit
+    assert long_rows.train.gradient_checkpointing is True and "as written" in reasons["layout"]
+    unmerged = _recipe(train={"batch_size": 8, "grad_accum": 2}, speed={"fold_accumulation": False,
+                                                                         "offload_checkpoints": False})
+    resolve(unmerged, "cuda", config, gpu_memory_gib=80.0, lengths=[400] * 500)
+    assert (unmerged.train.batch_size, unmerged.train.grad_accum) == (8, 2)
+    assert unmerged.speed.offload_checkpoints is False
+    assert cpu.speed.offload_checkpoints is False  # CPU: no checkpointing, nothing to offload
 
     explicit = _recipe(train={"gradient_checkpointing": True}, speed={"liger": False, "padding_free": False})
     resolve(explicit, "cuda", config, gpu_memory_gib=80.0)

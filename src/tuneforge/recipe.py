@@ -309,12 +309,19 @@ class SpeedSection(_Section):
     fold_accumulation: bool | Literal["auto"] = Field(
         "auto", description="Merge the grad_accum micro-batches of a step into one (same examples per step, same loss) "
         "when the memory plan fits it. auto = on a GPU when it fits; the saved recipe shows the batch_size/grad_accum run.")
+    lora_autocast: bool | Literal["auto"] = Field(
+        "auto", description="LoRA layers pass their 16-bit inputs straight to autocast instead of copying them to the "
+        "adapter's fp32 first (speed/lora_autocast.py; same matmuls, less memory traffic). auto = on under bf16/fp16 "
+        "mixed precision.")
     compile: bool = Field(False, description="torch.compile the model (slow start; pays on long runs with static shapes).")
     layout: Literal["memory", "speed"] = Field(
         "memory", description="What train.gradient_checkpointing: auto and fold_accumulation: auto optimise on a GPU. "
-        "memory = checkpoint every layer, micro-batches as written (the least memory; with varlen attention it "
-        "measured as fast as the speed layout on a 1B model). speed = the memory plan picks the fastest layout "
-        "that fits speed.memory_fraction (merged micro-batches, fewer recomputed layers).")
+        "memory = checkpoint every layer (checkpoints offloaded to CPU), accumulation micro-batches merged into one "
+        "where the memory plan fits the merged worst case. speed = the memory plan picks the fastest layout that "
+        "fits speed.memory_fraction (merged micro-batches, fewer recomputed layers).")
+    offload_checkpoints: bool | Literal["auto"] = Field(
+        "auto", description="With gradient checkpointing on a GPU: keep each layer's saved input in pinned CPU memory "
+        "until the backward pass (copied on a side stream; speed/offload.py). auto = on with speed.layout memory.")
     memory_fraction: float = Field(
         0.85, gt=0.1, le=1.0, description="Share of GPU memory the memory plan may fill when train.gradient_checkpointing "
         "is auto (lower it to leave room for other processes).")

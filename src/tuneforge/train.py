@@ -228,6 +228,9 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     if not adapter_loaded:
         model = apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
     console.print(describe_trainable(model))
+    from tuneforge.speed import prepare_model
+
+    prepare_model(model, recipe)
 
     build = get_method(recipe.method)
     eval_dataset = to_dataset(data.eval) if data.eval else None
@@ -253,9 +256,9 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
         callbacks.append(plateau)
     trainer = build(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
-    from tuneforge.speed import reduce_trainer_overhead
+    from tuneforge.speed import prepare_trainer
 
-    reduce_trainer_overhead(trainer)
+    prepare_trainer(trainer, recipe)
     from tuneforge.checkpoints import install_checkpointing
     from tuneforge.guards import install_step_guards
 

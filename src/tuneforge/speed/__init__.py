@@ -9,13 +9,19 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
   liger            Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) on CUDA, where liger-kernel is installed.
                    TRL already computes the loss through a chunked LM head that never materialises full logits.
   fused_optimizer  AdamW as one fused kernel per step (adamw_torch -> adamw_torch_fused) on CUDA.
-  layout           speed.layout memory (default): checkpointing every layer, micro-batches as written -- the least
-                   memory. speed.layout speed:
+  layout           speed.layout memory (default): checkpointing every layer, the accumulation micro-batches merged
+                   into one where the memory plan fits the merged worst case (the host-side cost of a micro-batch,
+                   ~0.3 s on the H100, is then paid once a step). speed.layout speed:
                    train.gradient_checkpointing: auto and speed.fold_accumulation: auto -> the memory plan
                    (guide/plan.py), sized for the largest micro-batch the data can make, picks the fastest layout that
                    fits speed.memory_fraction of the GPU: accumulation micro-batches merged into one (same examples per
                    optimizer step; a small model's step is otherwise bound by Python and kernel-launch overhead),
                    then no checkpointing, then checkpointing every 2nd layer, then every layer.
+  lora_autocast    LoRA layers hand their 16-bit inputs to autocast instead of copying them to the adapter's fp32
+                   first (speed/lora_autocast.py): the same matmuls without a full fp32 copy of the activations per
+                   adapted projection. On under bf16/fp16 mixed precision.
+  offload_checkpoints  with checkpointing under layout memory, the layer inputs kept for the recomputation wait
+                   in pinned CPU memory, copied on a side stream (speed/offload.py).
   trainer overhead the Trainer counts FLOPs by walking every parameter each micro-batch; counted once here.
   attention        auto = flash_attention_2 where flash-attn is installed on CUDA; else, for padding-free batches on
                    CUDA, varlen (speed/varlen.py: PyTorch's varlen flash kernel, example boundaries from the position
@@ -62,6 +68,13 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
     if s.fused_optimizer == "auto":
         s.fused_optimizer = cuda and recipe.train.optimizer == "adamw_torch"
         reasons["fused_optimizer"] = "adamw_torch on CUDA" if s.fused_optimizer else "only for adamw_torch on CUDA"
+    if s.lora_autocast == "auto":
+        from tuneforge.methods.common import precision_flags
+
+        mixed = any(precision_flags(recipe, device).values())
+        s.lora_autocast = mixed and recipe.adapter.type in ("lora", "qlora")
+        reasons["lora_autocast"] = ("LoRA under mixed precision" if s.lora_autocast else
+                                    "only for LoRA under bf16/fp16 mixed precision")
     if s.attention == "auto":
         from tuneforge.speed import varlen
 
@@ -79,6 +92,10 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
             recipe.train.gradient_checkpointing = gc > 0
             s.checkpoint_every = gc or 1
         reasons["layout"] = why
+    if s.offload_checkpoints == "auto":
+        s.offload_checkpoints = cuda and s.layout == "memory" and recipe.train.gradient_checkpointing is True
+        reasons["offload_checkpoints"] = ("checkpointed layer inputs wait in CPU memory" if s.offload_checkpoints else
+                                          "only with gradient checkpointing under speed.layout memory on a GPU")
     if s.fold_accumulation == "auto":
         s.fold_accumulation = fold > 1
     elif s.fold_accumulation is True:  # asked for explicitly: all of a step's micro-batches in one
@@ -114,28 +131,55 @@ def _parameters(model_config) -> float:
         return float("inf")
 
 
+def _planned_gib(recipe, model_config, lengths, fold: int, gc: int) -> float:
+    """Planned peak (GiB, guide/plan.py) of the largest micro-batch the data can make with `fold` accumulation
+    micro-batches merged, checkpointing none (gc 0), every 2nd layer (2) or every layer (1)."""
+    from tuneforge.guide.plan import plan_memory
+
+    t, a = recipe.train, recipe.adapter
+    rows, row_tokens = largest_micro_batch(recipe, lengths, t.batch_size * fold)
+    settings = dict(adapter="full" if a.type == "none" else a.type, seq_len=row_tokens, batch_size=rows,
+                    optimizer=t.optimizer, lora_r=a.r, target_modules=a.target_modules, lora_dropout=a.dropout,
+                    quant_bits=recipe.quant.bits, double_quant=recipe.quant.double_quant)
+    on = plan_memory(model_config, gradient_checkpointing=True, **settings)["reserved_gib"]
+    if gc == 1:
+        return on
+    off = plan_memory(model_config, gradient_checkpointing=False, **settings)["reserved_gib"]
+    return off if gc == 0 else on + (off - on) / 2  # every 2nd layer keeps half the activations
+
+
 def choose_layout(recipe, device: str, model_config, gpu_memory_gib: float | None,
                   lengths: list[int] | None = None) -> tuple[int, int, str]:
-    """(fold, checkpoint_every, why): the fastest layout the memory plan fits into speed.memory_fraction of the GPU
-    for the largest micro-batch the data can make. fold = how many accumulation micro-batches are merged into one
-    (same examples per optimizer step, same loss: fewer, larger kernels; a small model's step is otherwise bound by
-    Python and kernel-launch overhead); checkpoint_every = 0 none, n = every n-th layer. Tried from fastest: merged
-    without checkpointing, unmerged without, then every 2nd layer, then every layer. CPU: (1, 0)."""
+    """(fold, checkpoint_every, why) for the largest micro-batch the data can make, checked against the memory plan
+    in speed.memory_fraction of the GPU. fold = how many accumulation micro-batches are merged into one (same
+    examples per optimizer step, same loss: a step's host-side cost -- Python, kernel launches, syncs, ~0.3 s per
+    micro-batch on the H100 -- is paid once, not per micro-batch); checkpoint_every = 0 none, n = every n-th layer.
+
+    layout memory: checkpoint every layer, micro-batches merged when the merged worst case fits the budget.
+    layout speed: the fastest that fits, tried from merged without checkpointing down to every layer. CPU: (1, 0)."""
     t = recipe.train
     auto_gc = t.gradient_checkpointing == "auto"
     auto_fold = recipe.speed.fold_accumulation == "auto" and t.grad_accum > 1
     if device != "cuda":
         return 1, 0, "CPU: no checkpointing, micro-batches as written"
+    budget = recipe.speed.memory_fraction * (gpu_memory_gib or 0)
     if recipe.speed.layout == "memory":
-        return 1, 1 if auto_gc or t.gradient_checkpointing else 0, (
-            "speed.layout memory: checkpointing every layer, micro-batches as written (speed.layout: speed lets the "
-            "memory plan spend free GPU memory on speed)")
+        gc = 1 if auto_gc or t.gradient_checkpointing else 0
+        what = "checkpointing every layer" if gc else "no checkpointing (train.gradient_checkpointing: false)"
+        if auto_fold and model_config is not None and gpu_memory_gib is not None:
+            try:
+                need = _planned_gib(recipe, model_config, lengths, t.grad_accum, gc)
+            except Exception as exc:  # an architecture the plan does not know: micro-batches as written
+                return 1, gc, f"speed.layout memory: {what}; memory plan unavailable ({exc}): micro-batches as written"
+            if need <= budget:
+                return t.grad_accum, gc, (f"speed.layout memory: {what}, the {t.grad_accum} accumulation micro-batches "
+                                          f"merged into one: plan {need:.1f} GiB <= {budget:.1f} GiB budget for the "
+                                          f"largest merged micro-batch")
+            return 1, gc, (f"speed.layout memory: {what}, micro-batches as written (merged, the largest would need "
+                           f"{need:.1f} GiB > {budget:.1f} GiB budget)")
+        return 1, gc, f"speed.layout memory: {what}, micro-batches as written"
     if model_config is None or gpu_memory_gib is None:
         return 1, 1, "no memory plan for this model: checkpointing every layer, micro-batches as written"
-    from tuneforge.guide.plan import plan_memory
-
-    budget = recipe.speed.memory_fraction * gpu_memory_gib
-    a = recipe.adapter
     folds = [t.grad_accum, 1] if auto_fold else [1]
     gcs = [0, 2, 1] if auto_gc else [1 if t.gradient_checkpointing else 0]
     # A small model's step is bound by Python and kernel launches, not the GPU: one merged micro-batch, even with
@@ -144,17 +188,12 @@ def choose_layout(recipe, device: str, model_config, gpu_memory_gib: float | Non
     small = getattr(model_config, "num_hidden_layers", 0) and _parameters(model_config) < SMALL_MODEL_PARAMETERS
     layouts = [(f, g) for f in folds for g in gcs] if small else [(f, g) for g in gcs for f in folds]
     for fold, gc in layouts:
-        rows, row_tokens = largest_micro_batch(recipe, lengths, t.batch_size * fold)
-        settings = dict(adapter="full" if a.type == "none" else a.type, seq_len=row_tokens, batch_size=rows,
-                        optimizer=t.optimizer, lora_r=a.r, target_modules=a.target_modules, lora_dropout=a.dropout,
-                        quant_bits=recipe.quant.bits, double_quant=recipe.quant.double_quant)
         try:
-            off = plan_memory(model_config, gradient_checkpointing=False, **settings)["reserved_gib"]
-            on = plan_memory(model_config, gradient_checkpointing=True, **settings)["reserved_gib"]
+            need = _planned_gib(recipe, model_config, lengths, fold, gc)
         except Exception as exc:  # an architecture the plan does not know: the safe choice
             return 1, 1, f"memory plan unavailable ({exc}): checkpointing every layer"
-        need = {0: off, 2: on + (off - on) / 2, 1: on}[gc]  # every 2nd layer keeps half the activations
         if need <= budget:
+            rows, row_tokens = largest_micro_batch(recipe, lengths, t.batch_size * fold)
             what = {0: "no checkpointing", 2: "checkpointing every 2nd layer", 1: "checkpointing every layer"}[gc]
             return fold, gc, (f"{what}, micro-batch {t.batch_size * fold} x {t.grad_accum // fold} accumulation: "
                               f"plan {need:.1f} GiB <= {budget:.1f} GiB budget (largest micro-batch {rows} x "
@@ -182,6 +221,25 @@ def sft_arguments(recipe) -> dict:
     if recipe.speed.padding_free is True and not recipe.train.packing:
         return {"padding_free": True, "max_length": None}
     return {}
+
+
+def prepare_model(model, recipe) -> dict:
+    """Levers that act on the built (adapter-wrapped) model before the Trainer sees it. Returns what was done."""
+    done = {}
+    if recipe.speed.lora_autocast is True:
+        from tuneforge.speed import lora_autocast
+
+        done["lora_autocast_layers"] = lora_autocast.install(model)
+    return done
+
+
+def prepare_trainer(trainer, recipe) -> None:
+    """Levers that act on the built Trainer."""
+    reduce_trainer_overhead(trainer)
+    if recipe.speed.offload_checkpoints is True and recipe.train.gradient_checkpointing is True:
+        from tuneforge.speed import offload
+
+        trainer.add_callback(offload.callback())
 
 
 def reduce_trainer_overhead(trainer) -> None:

@@ -1,0 +1,89 @@
+"""Where a whole training step's time goes, inside a real run (bench/speed.py --profile): steps `start`..`start+1`
+under the torch profiler (CPU and CUDA), the next two under cProfile (Python). Written to PROFILE.txt in the
+contender's work folder:
+
+  - wall time of the profiled steps (CUDA-synced) and the GPU's busy share: the sum of CUDA kernel time over the
+    wall time (far below 100 % = the GPU waits for the host: Python, launches, syncs);
+  - the torch operators by self CPU time and by CUDA time;
+  - the Python functions by own time and by cumulative time.
+
+It hooks transformers.Trainer.__init__ to add a callback, so it works the same for tuneforge, TRL and Unsloth runs.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import time
+from pathlib import Path
+
+
+def install(out: Path, start: int = 4) -> None:
+    import torch
+    import transformers
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    state = {"prof": None, "cprof": None, "t0": None, "lines": []}
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def write():
+        out.write_text("\n".join(state["lines"]) + "\n", encoding="utf-8")
+
+    class StepProfiler(TrainerCallback):
+        def on_step_begin(self, args, state_, control, **kwargs):
+            step = state_.global_step  # steps done so far
+            if step == start:
+                sync()
+                state["prof"] = profile(activities=[ProfilerActivity.CPU] + (
+                    [ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+                state["prof"].__enter__()
+                state["t0"] = time.perf_counter()
+            elif step == start + 2:
+                sync()
+                state["cprof"] = cProfile.Profile()
+                state["t0"] = time.perf_counter()
+                state["cprof"].enable()
+
+        def on_step_end(self, args, state_, control, **kwargs):
+            step = state_.global_step
+            if step == start + 2 and state["prof"] is not None:
+                sync()
+                wall = time.perf_counter() - state["t0"]
+                prof = state["prof"]
+                prof.__exit__(None, None, None)
+                averages = prof.key_averages()
+                from torch.autograd import DeviceType
+
+                kernel_us = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
+                state["lines"] += [f"# torch profiler, steps {start + 1}-{start + 2}",
+                                   f"wall {wall:.3f} s for 2 steps; CUDA kernels {kernel_us / 1e6:.3f} s = "
+                                   f"{100 * kernel_us / 1e6 / wall:.1f} % busy", "",
+                                   averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60),
+                                   averages.table(sort_by="self_device_time_total", row_limit=30,
+                                                  max_name_column_width=60)]
+                state["prof"] = None
+                write()
+            elif step == start + 4 and state["cprof"] is not None:
+                state["cprof"].disable()
+                sync()
+                wall = time.perf_counter() - state["t0"]
+                for order in ("tottime", "cumulative"):
+                    text = io.StringIO()
+                    pstats.Stats(state["cprof"], stream=text).sort_stats(order).print_stats(35)
+                    state["lines"] += [f"# cProfile, steps {start + 3}-{start + 4} ({wall:.3f} s wall), by {order}",
+                                       text.getvalue()]
+                state["cprof"] = None
+                write()
+
+    original = transformers.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(StepProfiler())
+
+    transformers.Trainer.__init__ = init
