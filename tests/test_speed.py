@@ -206,6 +206,54 @@ def test_offloaded_checkpoints_give_the_same_step(tiny_model_dir):
     assert packed.count(True) == 2  # the input of each of the 2 checkpointed layers, nothing else
 
 
+def test_fused_lora_matches_peft_forward(tiny_model_dir):
+    """speed.fused_lora: the scaled LoRA update added inside one addmm gives PEFT's values and gradients (fp32: to
+    rounding; bf16 autocast: to bf16 rounding), and falls back to PEFT's forward with the adapter disabled."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.speed import fused_lora, lora_autocast
+
+    def lora_model(dtype=torch.float32):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype)
+        config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+        return get_peft_model(base, config)
+
+    ids = torch.randint(5, 100, (2, 12))
+
+    def step(model, autocast=False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+        return out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    def compare(reference, other):
+        """Mean relative difference (by norm) over the logits and every adapter gradient."""
+        (ref_logits, ref_grads), (logits, grads) = reference, other
+        assert ref_grads.keys() == grads.keys() and len(grads) == 28
+        errors = [((ref_logits - logits).norm() / ref_logits.norm()).item()]
+        errors += [((grad - grads[name]).norm() / grad.norm()).item() for name, grad in ref_grads.items()]
+        return sum(errors) / len(errors)
+
+    # fp32: the same values to rounding
+    plain, fused = lora_model(), lora_model()
+    assert fused_lora.install(fused) == 14 and fused_lora.install(fused) == 14  # idempotent
+    assert compare(step(plain), step(fused)) < 1e-5
+    # bf16 autocast: each path rounds differently; the fused one stays as close to the fp32 result as PEFT's (within
+    # rounding noise: a lost scaling or a dropped term would be off by tens of percent)
+    reference = step(lora_model(torch.bfloat16).float())
+    plain, fused = lora_model(torch.bfloat16), lora_model(torch.bfloat16)
+    lora_autocast.install(plain), lora_autocast.install(fused), fused_lora.install(fused)
+    plain_error, fused_error = compare(reference, step(plain, True)), compare(reference, step(fused, True))
+    assert 0 < fused_error <= 1.5 * plain_error and fused_error < 0.1, (plain_error, fused_error)
+    with fused.disable_adapter(), torch.no_grad():  # adapter off: PEFT's forward, the base model's logits
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+        assert torch.equal(fused(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
 def test_lora_autocast_resolves_with_mixed_precision():
     from tuneforge.speed import resolve
 

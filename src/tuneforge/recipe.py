@@ -313,6 +313,9 @@ class SpeedSection(_Section):
         "auto", description="LoRA layers pass their 16-bit inputs straight to autocast instead of copying them to the "
         "adapter's fp32 first (speed/lora_autocast.py; same matmuls, less memory traffic). auto = on under bf16/fp16 "
         "mixed precision.")
+    fused_lora: bool | Literal["auto"] = Field(
+        "auto", description="Plain LoRA layers add their scaled update inside one matmul (addmm) instead of two "
+        "elementwise passes (speed/fused_lora.py; same sum). auto = on for LoRA.")
     compile: bool = Field(False, description="torch.compile the model (slow start; pays on long runs with static shapes).")
     layout: Literal["memory", "speed"] = Field(
         "memory", description="What train.gradient_checkpointing: auto and fold_accumulation: auto optimise on a GPU. "

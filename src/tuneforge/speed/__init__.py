@@ -22,6 +22,8 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
                    adapted projection. On under bf16/fp16 mixed precision.
   offload_checkpoints  with checkpointing under layout memory, the layer inputs kept for the recomputation wait
                    in pinned CPU memory, copied on a side stream (speed/offload.py).
+  fused_lora       plain LoRA layers add scaling * (A x) B^T to the base output inside one addmm (speed/fused_lora.py)
+                   instead of a multiply and an add over the whole output; PEFT's forward for everything else.
   trainer overhead the Trainer counts FLOPs by walking every parameter each micro-batch; counted once here.
   attention        auto = flash_attention_2 where flash-attn is installed on CUDA; else, for padding-free batches on
                    CUDA, varlen (speed/varlen.py: PyTorch's varlen flash kernel, example boundaries from the position
@@ -75,6 +77,9 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
         s.lora_autocast = mixed and recipe.adapter.type in ("lora", "qlora")
         reasons["lora_autocast"] = ("LoRA under mixed precision" if s.lora_autocast else
                                     "only for LoRA under bf16/fp16 mixed precision")
+    if s.fused_lora == "auto":
+        s.fused_lora = recipe.adapter.type == "lora" and not recipe.adapter.use_dora
+        reasons["fused_lora"] = "plain LoRA" if s.fused_lora else "only for plain LoRA (not QLoRA, DoRA, full)"
     if s.attention == "auto":
         from tuneforge.speed import varlen
 
@@ -230,6 +235,10 @@ def prepare_model(model, recipe) -> dict:
         from tuneforge.speed import lora_autocast
 
         done["lora_autocast_layers"] = lora_autocast.install(model)
+    if recipe.speed.fused_lora is True:
+        from tuneforge.speed import fused_lora
+
+        done["fused_lora_layers"] = fused_lora.install(model)
     return done
 
 

@@ -1,0 +1,66 @@
+"""speed.fused_lora -- the LoRA update folded into one matmul: result + scaling * (A x) B^T as a single addmm.
+
+Why this exists: PEFT's LoRA Linear computes `result + lora_B(lora_A(dropout(x))) * scaling`: after the small B
+matmul, one elementwise pass multiplies by `scaling` and another adds the base layer's output -- two reads and writes
+of a [tokens x out_features] tensor per adapted projection (seven per decoder layer), and the same again in the
+backward. `torch.addmm(result, h, B^T, alpha=scaling)` does the scale and the add in the matmul's epilogue. On the
+8B LoRA profile those elementwise passes were ~10 % of GPU time (bench/results/profiles/2026-11-25-8b-lora-default.txt).
+
+Only plain LoRA takes this path: one active adapter, no DoRA/other variant, no LoRA bias, not merged, no per-example
+adapter names, and dtypes that agree (autocast on, or input, adapter and base output in one dtype). Anything else
+runs PEFT's own forward, unchanged. The result is the same sum, rounded once instead of twice
+(tests/test_speed.py checks it against PEFT's forward, values and gradients).
+"""
+
+from __future__ import annotations
+
+import types
+
+
+def _fast_path_ok(layer, x, kwargs) -> bool:
+    import torch
+
+    if layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None:
+        return False
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] not in layer.lora_A or getattr(layer, "lora_variant", None):
+        return False
+    name = active[0]
+    if layer.lora_bias.get(name, False) or getattr(layer.lora_B[name], "bias", None) is not None:
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return True
+    base = getattr(layer.get_base_layer(), "weight", None)
+    return base is not None and x.dtype == base.dtype == layer.lora_A[name].weight.dtype == layer.lora_B[name].weight.dtype
+
+
+def _forward(self, x, *args, **kwargs):
+    import torch
+
+    if not _fast_path_ok(self, x, kwargs):
+        return self._tuneforge_peft_forward(x, *args, **kwargs)
+    for key in ("adapter_names", "alora_offsets"):
+        kwargs.pop(key, None)
+    result = self.base_layer(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    h = self.lora_A[name](self.lora_dropout[name](x))
+    weight = self.lora_B[name].weight  # [out, r]
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t(),
+                      alpha=self.scaling[name])
+    return out.view(result.shape).to(result.dtype)
+
+
+def install(model) -> int:
+    """Give every LoRA Linear layer of `model` the fused forward (falls back to PEFT's per call); idempotent.
+    Returns the number of layers."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is not LoraLinear:  # 4-bit/8-bit LoRA layers have their own forward: left to PEFT
+            continue
+        if not hasattr(module, "_tuneforge_peft_forward"):
+            module._tuneforge_peft_forward = module.forward
+            module.forward = types.MethodType(_forward, module)
+        count += 1
+    return count
