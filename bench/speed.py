@@ -55,7 +55,6 @@ TUNEFORGE_VARIANTS = {
     "tuneforge_unmerged": {"fold_accumulation": False},  # the micro-batches as written (the layout before 2026-11-25b)
     "tuneforge_no_offload": {"offload_checkpoints": False},  # checkpoints kept on the GPU
     "tuneforge_sdpa": {"attention": "sdpa"},  # what the varlen attention lever is worth
-    "tuneforge_peft_cast": {"lora_autocast": False},  # what skipping PEFT's fp32 input copies is worth
     "tuneforge_unfused": {"fused_lora": False},  # PEFT's LoRA forward (scale and add as separate passes)
 }
 EXTRA_CONTENDERS = list(TUNEFORGE_VARIANTS)

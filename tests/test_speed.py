@@ -112,55 +112,6 @@ def test_varlen_boundaries_and_padded_fallback(tiny_model_dir):
         assert torch.allclose(sent, one, atol=1e-5)
 
 
-def test_lora_autocast_gives_the_same_step_without_the_fp32_copies(tiny_model_dir):
-    """speed.lora_autocast: under bf16 autocast the LoRA branch takes the 16-bit input as it is; losses and adapter
-    gradients are bit-for-bit PEFT's (the matmul ran in bf16 either way), with fewer dtype copies; without autocast
-    (generation, evaluation outside the Trainer) PEFT's own cast still runs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from torch.profiler import profile
-    from transformers import AutoModelForCausalLM
-
-    from tuneforge.speed import lora_autocast
-
-    def lora_model():
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
-        return get_peft_model(base, config)
-
-    ids = torch.randint(5, 100, (2, 12))
-
-    def step(model):
-        model.zero_grad()
-        with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-        copies = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return loss.item(), grads, copies
-
-    plain = lora_model()
-    assert next(p for n, p in plain.named_parameters() if "lora_A" in n).dtype == torch.float32  # PEFT's fp32 adapters
-    fast = lora_model()
-    assert lora_autocast.install(fast) == 14  # 7 projections x 2 layers
-    assert lora_autocast.install(fast) == 14  # idempotent: no second hook
-    plain_loss, plain_grads, plain_copies = step(plain)
-    fast_loss, fast_grads, fast_copies = step(fast)
-    assert fast_loss == plain_loss
-    assert plain_grads.keys() == fast_grads.keys() and len(fast_grads) == 28
-    for name, grad in plain_grads.items():
-        assert torch.equal(grad, fast_grads[name]), name
-    assert fast_copies < plain_copies
-    with torch.no_grad():  # no autocast: PEFT casts (bf16 input, fp32 adapter) as before
-        out = fast(input_ids=ids).logits
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
-    # an fp32 base has nothing to skip
-    full_width = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
-                                LoraConfig(r=4, target_modules=["q_proj"]))
-    assert lora_autocast.install(full_width) == 0
-
-
 def test_offloaded_checkpoints_give_the_same_step(tiny_model_dir):
     """speed.offload_checkpoints: each checkpointed layer's input goes out through the saved-tensor hooks and comes
     back for the recomputation; losses and gradients equal plain checkpointing. (On CPU the tensors are already in
@@ -213,7 +164,7 @@ def test_fused_lora_matches_peft_forward(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.speed import fused_lora, lora_autocast
+    from tuneforge.speed import fused_lora
 
     def lora_model(dtype=torch.float32):
         torch.manual_seed(0)
@@ -246,29 +197,22 @@ def test_fused_lora_matches_peft_forward(tiny_model_dir):
     # rounding noise: a lost scaling or a dropped term would be off by tens of percent)
     reference = step(lora_model(torch.bfloat16).float())
     plain, fused = lora_model(torch.bfloat16), lora_model(torch.bfloat16)
-    lora_autocast.install(plain), lora_autocast.install(fused), fused_lora.install(fused)
+    fused_lora.install(fused)
     plain_error, fused_error = compare(reference, step(plain, True)), compare(reference, step(fused, True))
     assert 0 < fused_error <= 1.5 * plain_error and fused_error < 0.1, (plain_error, fused_error)
+    # ... and without PEFT's copy of each input to the adapter's fp32 (autocast casts it back for the matmul)
+    from torch.profiler import profile
+
+    def copies(model):
+        with profile() as prof:
+            step(model, True)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    assert next(p for n, p in fused.named_parameters() if "lora_A" in n).dtype == torch.float32  # PEFT's fp32 adapters
+    assert copies(fused) < copies(plain)
     with fused.disable_adapter(), torch.no_grad():  # adapter off: PEFT's forward, the base model's logits
         base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
         assert torch.equal(fused(input_ids=ids).logits, base(input_ids=ids).logits)
-
-
-def test_lora_autocast_resolves_with_mixed_precision():
-    from tuneforge.speed import resolve
-
-    cpu = _recipe()
-    reasons = resolve(cpu, "cpu")
-    assert cpu.speed.lora_autocast is False and "mixed precision" in reasons["lora_autocast"]
-    gpu = _recipe(train={"precision": "bf16"})
-    resolve(gpu, "cuda")
-    assert gpu.speed.lora_autocast is True
-    full = _recipe(adapter={"type": "full"}, train={"precision": "bf16"})
-    resolve(full, "cuda")
-    assert full.speed.lora_autocast is False
-    kept = _recipe(train={"precision": "bf16"}, speed={"lora_autocast": False})
-    resolve(kept, "cuda")
-    assert kept.speed.lora_autocast is False
 
 
 def _recipe(**sections):

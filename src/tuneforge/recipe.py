@@ -309,13 +309,10 @@ class SpeedSection(_Section):
     fold_accumulation: bool | Literal["auto"] = Field(
         "auto", description="Merge the grad_accum micro-batches of a step into one (same examples per step, same loss) "
         "when the memory plan fits it. auto = on a GPU when it fits; the saved recipe shows the batch_size/grad_accum run.")
-    lora_autocast: bool | Literal["auto"] = Field(
-        "auto", description="LoRA layers pass their 16-bit inputs straight to autocast instead of copying them to the "
-        "adapter's fp32 first (speed/lora_autocast.py; same matmuls, less memory traffic). auto = on under bf16/fp16 "
-        "mixed precision.")
     fused_lora: bool | Literal["auto"] = Field(
         "auto", description="Plain LoRA layers add their scaled update inside one matmul (addmm) instead of two "
-        "elementwise passes (speed/fused_lora.py; same sum). auto = on for LoRA.")
+        "elementwise passes, without PEFT's fp32 copy of the input under autocast (speed/fused_lora.py; same sum). "
+        "auto = on for LoRA.")
     compile: bool = Field(False, description="torch.compile the model (slow start; pays on long runs with static shapes).")
     layout: Literal["memory", "speed"] = Field(
         "memory", description="What train.gradient_checkpointing: auto and fold_accumulation: auto optimise on a GPU. "

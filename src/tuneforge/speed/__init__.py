@@ -17,13 +17,11 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
                    fits speed.memory_fraction of the GPU: accumulation micro-batches merged into one (same examples per
                    optimizer step; a small model's step is otherwise bound by Python and kernel-launch overhead),
                    then no checkpointing, then checkpointing every 2nd layer, then every layer.
-  lora_autocast    LoRA layers hand their 16-bit inputs to autocast instead of copying them to the adapter's fp32
-                   first (speed/lora_autocast.py): the same matmuls without a full fp32 copy of the activations per
-                   adapted projection. On under bf16/fp16 mixed precision.
   offload_checkpoints  with checkpointing under layout memory, the layer inputs kept for the recomputation wait
                    in pinned CPU memory, copied on a side stream (speed/offload.py).
   fused_lora       plain LoRA layers add scaling * (A x) B^T to the base output inside one addmm (speed/fused_lora.py)
-                   instead of a multiply and an add over the whole output; PEFT's forward for everything else.
+                   instead of a multiply and an add over the whole output, and under autocast skip PEFT's fp32 copy
+                   of the input; PEFT's forward for everything else.
   trainer overhead the Trainer counts FLOPs by walking every parameter each micro-batch; counted once here.
   attention        auto = flash_attention_2 where flash-attn is installed on CUDA; else, for padding-free batches on
                    CUDA, varlen (speed/varlen.py: PyTorch's varlen flash kernel, example boundaries from the position
@@ -70,13 +68,6 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
     if s.fused_optimizer == "auto":
         s.fused_optimizer = cuda and recipe.train.optimizer == "adamw_torch"
         reasons["fused_optimizer"] = "adamw_torch on CUDA" if s.fused_optimizer else "only for adamw_torch on CUDA"
-    if s.lora_autocast == "auto":
-        from tuneforge.methods.common import precision_flags
-
-        mixed = any(precision_flags(recipe, device).values())
-        s.lora_autocast = mixed and recipe.adapter.type in ("lora", "qlora")
-        reasons["lora_autocast"] = ("LoRA under mixed precision" if s.lora_autocast else
-                                    "only for LoRA under bf16/fp16 mixed precision")
     if s.fused_lora == "auto":
         s.fused_lora = recipe.adapter.type == "lora" and not recipe.adapter.use_dora
         reasons["fused_lora"] = "plain LoRA" if s.fused_lora else "only for plain LoRA (not QLoRA, DoRA, full)"
@@ -231,10 +222,6 @@ def sft_arguments(recipe) -> dict:
 def prepare_model(model, recipe) -> dict:
     """Levers that act on the built (adapter-wrapped) model before the Trainer sees it. Returns what was done."""
     done = {}
-    if recipe.speed.lora_autocast is True:
-        from tuneforge.speed import lora_autocast
-
-        done["lora_autocast_layers"] = lora_autocast.install(model)
     if recipe.speed.fused_lora is True:
         from tuneforge.speed import fused_lora
 

@@ -5,6 +5,8 @@ matmul, one elementwise pass multiplies by `scaling` and another adds the base l
 of a [tokens x out_features] tensor per adapted projection (seven per decoder layer), and the same again in the
 backward. `torch.addmm(result, h, B^T, alpha=scaling)` does the scale and the add in the matmul's epilogue. On the
 8B LoRA profile those elementwise passes were ~10 % of GPU time (bench/results/profiles/2026-11-25-8b-lora-default.txt).
+Under autocast the fast path also skips PEFT's cast of the input to the adapter's fp32 (a full copy of the
+activations per adapted projection, which autocast casts straight back to 16 bits for the matmul).
 
 Only plain LoRA takes this path: one active adapter, no DoRA/other variant, no LoRA bias, not merged, no per-example
 adapter names, and dtypes that agree (autocast on, or input, adapter and base output in one dtype). Anything else
