@@ -376,19 +376,12 @@ class LaunchFailed(Exception):
 def prepare_run_directory(path: Path, *, overwrite: bool) -> None:
     """Done once, by the launcher, before any rank starts: the same checks as a single-process run, then an empty
     directory the ranks fill (rank 0 writes; the others only read)."""
-    from tuneforge.errors import RunDirError
+    from tuneforge.run import check_output_path, mark_run_directory, replace_run_directory
 
+    check_output_path(path, overwrite=overwrite)
     if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"run directory {path} already exists",
-                              fix="pass --overwrite to replace it, --resume to continue it, or --output DIR for a new one")
-        if not (path / "recipe.yaml").exists() and not (path / "status.json").exists():
-            raise RunDirError(f"{path} exists and is not a tuneforge run directory; refusing to delete it",
-                              fix="choose another --output")
-        import shutil
-
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+        replace_run_directory(path)
+    mark_run_directory(path)
 
 
 def launch(recipe, *, recipe_path: str | None, processes: int, device: str, overrides: list[str], output: str | None,

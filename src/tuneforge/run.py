@@ -11,6 +11,8 @@ runs/<name>/
   eval/              baseline.json, tuned.json (metrics + samples)
   summary.json       the before/after table
   accelerate_config.yaml  (runs launched with --gpus/--cpu-processes) how the processes were started
+  .tuneforge-run     the mark that tuneforge made this folder: `--overwrite` replaces only marked folders that hold
+                     nothing but a run's own files (`check_replaceable`)
 
 Under several processes (accelerate launch / torchrun) only rank 0 writes: every writing method here is a no-op
 on the other ranks, and `create` on them waits for rank 0's directory instead of making one.
@@ -27,6 +29,76 @@ from pathlib import Path
 from tuneforge.errors import RunDirError
 
 
+RUN_MARKER = ".tuneforge-run"
+# Everything tuneforge writes at the top of a run directory (a multi-stage run's stages are marked run directories of
+# their own). Anything else found there is the user's, and makes `--overwrite` refuse rather than delete it.
+RUN_ENTRIES = frozenset({
+    RUN_MARKER, "recipe.yaml", "environment.json", "status.json", "metrics.jsonl", "data_stats.json", "adapter",
+    "model", "checkpoints", "eval", "summary.json", "report.html", "plots", "tensorboard", "accelerate_config.yaml",
+    "stages.json",
+})
+
+
+def mark_run_directory(path: Path) -> None:
+    """Create `path` (if needed) and mark it as a run directory tuneforge made."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_MARKER).write_text(json.dumps({"tuneforge_run": 1, "created": time.time()}) + "\n", encoding="utf-8")
+
+
+def _is_own_entry(entry: Path) -> bool:
+    if entry.name in RUN_ENTRIES or entry.name.endswith(".tmp"):
+        return True
+    return entry.is_dir() and not entry.is_symlink() and (entry / RUN_MARKER).is_file()  # a stage of a multi-stage run
+
+
+def check_output_path(path: Path, *, overwrite: bool) -> None:
+    """Refuse an output path that cannot become a run directory: a file or a symbolic link, an existing run without
+    --overwrite, or (with --overwrite) anything `check_replaceable` would not delete."""
+    if path.is_symlink():
+        raise RunDirError(f"--output {path} is a symbolic link; tuneforge does not write through or replace links",
+                          fix="pass the real folder, or a new --output path")
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--output {path} is a file, not a folder", fix="choose another --output path")
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"run directory {path} already exists",
+                              fix="pass --overwrite to replace it, --resume to continue it, or --output DIR for a new one")
+        check_replaceable(path)
+
+
+def check_replaceable(path: Path) -> list[Path]:
+    """The entries `--overwrite` would delete; raises RunDirError unless `path` is a folder tuneforge marked as a run
+    directory (RUN_MARKER) holding only a run's own files, and is not the current folder, one above it, home or /."""
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve() or resolved == Path(resolved.anchor):
+        raise RunDirError(f"--overwrite would delete {resolved}, which is the current folder, one that holds it, your "
+                          f"home or the filesystem root; refusing", fix="pass --output runs/NAME (a folder of its own)")
+    if path.is_symlink() or not path.is_dir():
+        raise RunDirError(f"{path} is not a folder; --overwrite replaces only run directories", fix="choose another --output")
+    if not (path / RUN_MARKER).is_file():
+        raise RunDirError(f"{path} exists and is not a run directory tuneforge made (no {RUN_MARKER} in it); refusing "
+                          "to delete it", fix="choose another --output, or move or delete that folder yourself")
+    entries = sorted(path.iterdir())
+    foreign = [e.name for e in entries if not _is_own_entry(e)]
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise RunDirError(f"run directory {path} holds files tuneforge did not write ({shown}); --overwrite refuses to "
+                          "delete them", fix="move those files out of the run directory, or choose another --output")
+    return entries
+
+
+def replace_run_directory(path: Path, console=None) -> None:
+    """Delete a marked run directory (after `check_replaceable`), saying what goes."""
+    entries = check_replaceable(path)
+    if console is not None:
+        from rich.markup import escape
+
+        names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries if e.name != RUN_MARKER)
+        console.print(escape(f"--overwrite: removing the earlier run {path} ({names})"), highlight=False)
+    shutil.rmtree(path)
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -39,24 +111,18 @@ class RunDir:
         return is_main_process()
 
     # -- creation ------------------------------------------------------------------------------------------------
-    def create(self, *, overwrite: bool) -> RunDir:
+    def create(self, *, overwrite: bool, console=None) -> RunDir:
         from tuneforge.distributed import ENV_PREPARED_RUN
 
         if not self.is_main:
             return self._wait_for_main()
         if os.environ.get(ENV_PREPARED_RUN) == str(self.path.resolve()):
             pass  # the launcher checked --overwrite and emptied it before the ranks started
-        elif self.path.exists() and any(self.path.iterdir()):
-            if not overwrite:
-                raise RunDirError(
-                    f"run directory {self.path} already exists",
-                    fix="pass --overwrite to replace it, --output DIR for a new one, or change `name` in the recipe",
-                )
-            if not (self.path / "recipe.yaml").exists() and not (self.path / "status.json").exists():
-                raise RunDirError(f"{self.path} exists and is not a tuneforge run directory; refusing to delete it",
-                                  fix="choose another --output")
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        else:
+            check_output_path(self.path, overwrite=overwrite)
+            if self.path.exists() and any(self.path.iterdir()):
+                replace_run_directory(self.path, console)
+        mark_run_directory(self.path)
         (self.path / "eval").mkdir(exist_ok=True)
         self.set_status("running", started=time.time())
         return self

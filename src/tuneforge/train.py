@@ -68,7 +68,7 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
         run_doctor(recipe, tokenizer, data, console)
     absolute_data_paths(recipe)
 
-    run = open_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite)
+    run = open_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite, console=console)
     try:
         from tuneforge.guards import train_with_oom_retry  # train.oom_retry: smaller micro-batch, same effective batch
 
@@ -79,14 +79,14 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
         raise
 
 
-def open_run(path, *, checkpoint, overwrite: bool) -> RunDir:
+def open_run(path, *, checkpoint, overwrite: bool, console=None) -> RunDir:
     """The run directory: created fresh (refusing to overwrite unless asked), or, resuming from `checkpoint`, marked
     running again."""
     run = RunDir(path)
     if checkpoint is not None:
         run.set_status("running", resumed_from=checkpoint.name)
     else:
-        run.create(overwrite=overwrite)
+        run.create(overwrite=overwrite, console=console)
     return run
 
 
@@ -97,9 +97,9 @@ def target_run(recipe: Recipe, output: str | None, *, overwrite: bool, resume: b
         checkpoint = resumable_checkpoint(RunDir(path))
         console.print(f"[bold]resuming[/] {path} from {checkpoint.name}")
         return path, checkpoint
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise RunDirError(f"run directory {path} already exists",
-                          fix="pass --overwrite to replace it, --resume to continue it, or --output DIR for a new one")
+    from tuneforge.run import check_output_path
+
+    check_output_path(path, overwrite=overwrite)  # before any work: a folder --overwrite may not delete is refused now
     return path, None
 
 

@@ -61,7 +61,7 @@ def train_rl(recipe, *, output: str | None = None, overwrite: bool = False, cons
         resolved = resolve_path(recipe, recipe.rl.reward_model)
         if resolved and Path(resolved).exists():
             recipe.rl.reward_model = str(Path(resolved).resolve())
-    run = open_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite)
+    run = open_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite, console=console)
     try:
         return _train_rl_in(run, recipe, tokenizer, data, device, console, checkpoint)
     except BaseException as exc:

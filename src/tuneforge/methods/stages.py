@@ -21,7 +21,7 @@ from tuneforge.errors import RunDirError
 def train_stages(recipe, *, output=None, overwrite=False, console=None, resume=False, doctor=True):
     from tuneforge.checkpoints import complete_checkpoints
     from tuneforge.recipe import load_recipe
-    from tuneforge.run import RunDir
+    from tuneforge.run import RunDir, check_output_path, mark_run_directory, replace_run_directory
     from tuneforge.train import run_path_for, train
 
     parent = run_path_for(recipe, output)
@@ -34,11 +34,13 @@ def train_stages(recipe, *, output=None, overwrite=False, console=None, resume=F
         if all(done):
             raise RunDirError(f"run {parent} already completed (every stage); nothing to resume",
                               fix="train a new run (--output) or add a stage in a new recipe")
-    elif parent.exists() and any(parent.iterdir()) and not overwrite:
-        raise RunDirError(f"run directory {parent} already exists",
-                          fix="pass --overwrite to replace it, --resume to continue it, or --output DIR for a new one")
+    else:
+        check_output_path(parent, overwrite=overwrite)  # --overwrite replaces only a marked run directory
+        if parent.exists() and any(parent.iterdir()):
+            replace_run_directory(parent, console)
     parent.mkdir(parents=True, exist_ok=True)
     if not resume:
+        mark_run_directory(parent)
         (parent / "recipe.yaml").write_text(as_written_yaml(recipe), encoding="utf-8")
     record = {"stages": [{"name": s.name, "method": s.method, "run": s.name, "status": "pending"} for s in stages]}
     previous: Path | None = None
