@@ -171,7 +171,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     import torch
     from transformers import PrinterCallback, set_seed
 
-    from tuneforge.adapters import apply_adapter, describe_trainable
+    from tuneforge.adapters import apply_adapter, describe_trainable, trainable_parameters
     from tuneforge.data.pipeline import to_dataset
     from tuneforge.data.template import align_eos
     from tuneforge.evaluate.baselines import baseline_table
@@ -228,6 +228,7 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     if not adapter_loaded:
         model = apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
     console.print(describe_trainable(model))
+    trainable_params, total_params = trainable_parameters(model)
     from tuneforge.speed import prepare_model
 
     prepare_model(model, recipe)
@@ -317,6 +318,8 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
     summary = {
         "train_seconds": round(train_seconds, 1),
         "steps": trainer.state.global_step,
+        "trainable_params": trainable_params,
+        "total_params": total_params,
         "eval_loss": {"base": base_loss, "tuned": tuned_loss},
         "metrics": baseline_table({"base": baseline, "few_shot": few_shot, "tuned": tuned}),
         "forgetting": forgetting_summary(forgetting),

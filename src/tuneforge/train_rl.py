@@ -120,7 +120,7 @@ def _train_rl_in(run: RunDir, recipe, tokenizer, data, device: str, console, che
     import torch
     from transformers import PrinterCallback, set_seed
 
-    from tuneforge.adapters import apply_adapter, describe_trainable
+    from tuneforge.adapters import apply_adapter, describe_trainable, trainable_parameters
     from tuneforge.guards import InterruptGuard, NumericalGuard
     from tuneforge.methods import get_method
     from tuneforge.progress import ProgressCallback
@@ -179,6 +179,7 @@ def _train_rl_in(run: RunDir, recipe, tokenizer, data, device: str, console, che
     if method != "reward" and not adapter_loaded:
         model = apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
     console.print(describe_trainable(model))
+    trainable_params, total_params = trainable_parameters(model)
 
     train_dataset, eval_dataset = method_datasets(recipe, data, tokenizer)
     numerical, interrupt = NumericalGuard(), InterruptGuard()
@@ -238,6 +239,8 @@ def _train_rl_in(run: RunDir, recipe, tokenizer, data, device: str, console, che
     summary = {
         "train_seconds": round(train_seconds, 1),
         "steps": trainer.state.global_step,
+        "trainable_params": trainable_params,
+        "total_params": total_params,
         "eval_loss": {"base": base_loss, "tuned": tuned_loss},
         "metrics": baseline_table({"base": baseline, "few_shot": None, "tuned": tuned}) if baseline else {},
         "forgetting": forgetting_summary(forgetting),
