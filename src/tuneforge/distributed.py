@@ -394,7 +394,7 @@ def launch(recipe, *, recipe_path: str | None, processes: int, device: str, over
 
     import yaml
 
-    from tuneforge.train import run_path_for
+    from tuneforge.run import run_path_for
 
     plan = plan_launch(recipe, processes=processes, device=device)
     run_path = Path(resume) if resume else run_path_for(recipe, output)
@@ -424,8 +424,7 @@ def launch(recipe, *, recipe_path: str | None, processes: int, device: str, over
         return {"plan": plan, "commands": commands, "run": run_path, "config": config}
 
     if resume:
-        from tuneforge.run import RunDir
-        from tuneforge.train import resumable_checkpoint
+        from tuneforge.run import RunDir, resumable_checkpoint
 
         resumable_checkpoint(RunDir(run_path))  # fail here, once, rather than in every rank
     else:

@@ -198,6 +198,53 @@ def open_run(path: str | Path) -> RunDir:
     return run
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Where a run goes: the folder for a recipe, a fresh or resumed run directory, the checkpoint to resume from
+
+
+def run_path_for(recipe, output: str | None) -> Path:
+    return Path(output) if output else Path(recipe.output_dir) / recipe.name
+
+
+def start_run(path, *, checkpoint, overwrite: bool, console=None) -> RunDir:
+    """The run directory: created fresh (refusing to overwrite unless asked), or, resuming from `checkpoint`, marked
+    running again."""
+    run = RunDir(path)
+    if checkpoint is not None:
+        run.set_status("running", resumed_from=checkpoint.name)
+    else:
+        run.create(overwrite=overwrite, console=console)
+    return run
+
+
+def target_run(recipe, output: str | None, *, overwrite: bool, resume: bool, console):
+    """(run directory, checkpoint to resume from or None); an existing run is never replaced without --overwrite."""
+    path = run_path_for(recipe, output)
+    if resume:
+        checkpoint = resumable_checkpoint(RunDir(path))
+        console.print(f"[bold]resuming[/] {path} from {checkpoint.name}")
+        return path, checkpoint
+    check_output_path(path, overwrite=overwrite)  # before any work: a folder --overwrite may not delete is refused now
+    return path, None
+
+
+def resumable_checkpoint(run: RunDir) -> Path:
+    """The newest complete checkpoint of an unfinished run. Checkpoints that lack their trainer state (a save cut
+    short) are skipped, so an interrupted save never stops a resume."""
+    if not (run.path / "recipe.yaml").exists():
+        raise RunDirError(f"{run.path} is not a tuneforge run directory (no recipe.yaml)", fix="pass the run directory")
+    if run.status == "completed":
+        raise RunDirError(f"run {run.path} already completed; nothing to resume",
+                          fix="train a new run (--output) or raise train.max_steps in a new recipe")
+    candidates = sorted((p for p in (run.path / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for candidate in candidates:
+        if (candidate / "trainer_state.json").exists():
+            return candidate
+    raise RunDirError(f"run {run.path} has no complete checkpoint to resume from",
+                      fix="set train.save_every so checkpoints are written, then train again")
+
+
 def environment() -> dict:
     """Versions and device, saved with every run."""
     import platform

@@ -16,13 +16,8 @@ import json
 import time
 from pathlib import Path
 
-from tuneforge.errors import RunDirError
 from tuneforge.recipe import Recipe, recipe_to_yaml
-from tuneforge.run import RunDir, environment
-
-
-def run_path_for(recipe: Recipe, output: str | None) -> Path:
-    return Path(output) if output else Path(recipe.output_dir) / recipe.name
+from tuneforge.run import RunDir, environment, start_run, target_run
 
 
 def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False, console=None,
@@ -36,9 +31,10 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
 
         return train_stages(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
     from tuneforge.recipe import RL_METHODS
+    from tuneforge.speed import resolve_for_run as speed_resolve_for_run
 
     if recipe.method in RL_METHODS:  # reward models and RL: their own data, scores and models (train_rl.py)
-        resolve_speed(recipe, console)  # speed levers and checkpointing for this device (saved with the recipe)
+        speed_resolve_for_run(recipe, console)  # speed levers and checkpointing for this device (saved with the recipe)
         from tuneforge.train_rl import train_rl
 
         return train_rl(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
@@ -63,12 +59,12 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     recipe._lm_eval_manager = lm_eval_manager  # type: ignore[attr-defined]
     data = prepare_data(recipe, tokenizer)
     print_data_summary(console, data.stats)
-    resolve_speed(recipe, console, [len(e.input_ids) for e in data.train if hasattr(e, "input_ids")] or None)
+    speed_resolve_for_run(recipe, console, [len(e.input_ids) for e in data.train if hasattr(e, "input_ids")] or None)
     if doctor and not resume:  # preflight checks: errors stop here, before a run directory exists
         run_doctor(recipe, tokenizer, data, console)
     absolute_data_paths(recipe)
 
-    run = open_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite, console=console)
+    run = start_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite, console=console)
     try:
         from tuneforge.guards import train_with_oom_retry  # train.oom_retry: smaller micro-batch, same effective batch
 
@@ -77,30 +73,6 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
-
-
-def open_run(path, *, checkpoint, overwrite: bool, console=None) -> RunDir:
-    """The run directory: created fresh (refusing to overwrite unless asked), or, resuming from `checkpoint`, marked
-    running again."""
-    run = RunDir(path)
-    if checkpoint is not None:
-        run.set_status("running", resumed_from=checkpoint.name)
-    else:
-        run.create(overwrite=overwrite, console=console)
-    return run
-
-
-def target_run(recipe: Recipe, output: str | None, *, overwrite: bool, resume: bool, console):
-    """(run directory, checkpoint to resume from or None); an existing run is never replaced without --overwrite."""
-    path = run_path_for(recipe, output)
-    if resume:
-        checkpoint = resumable_checkpoint(RunDir(path))
-        console.print(f"[bold]resuming[/] {path} from {checkpoint.name}")
-        return path, checkpoint
-    from tuneforge.run import check_output_path
-
-    check_output_path(path, overwrite=overwrite)  # before any work: a folder --overwrite may not delete is refused now
-    return path, None
 
 
 def run_doctor(recipe: Recipe, tokenizer, data, console) -> None:
@@ -123,47 +95,6 @@ def absolute_data_paths(recipe: Recipe) -> None:
         resolved = resolve_path(recipe, value)
         if value and resolved and Path(resolved).exists():
             setattr(recipe.data, key, str(Path(resolved).resolve()))
-
-
-def resolve_speed(recipe: Recipe, console, lengths: list[int] | None = None) -> None:
-    """speed.* and train.gradient_checkpointing `auto` -> decisions for this device (src/tuneforge/speed/); `lengths`
-    (the training examples' token counts) let the memory plan size the largest micro-batch the data can make."""
-    from tuneforge.models import local_rank, pick_device
-    from tuneforge.speed import resolve
-
-    device = pick_device()
-    config, memory = None, None
-    if device == "cuda":  # the memory plan needs the model's config and the GPU's memory
-        import torch
-
-        from tuneforge.guide.plan import load_model_config
-
-        try:
-            config = load_model_config(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code,
-                                       revision=recipe.model.revision)
-        except Exception:  # a config the plan cannot read: checkpointing stays on, Liger off (the safe choices)
-            config = None
-        memory = torch.cuda.get_device_properties(local_rank()).total_memory / 2**30
-    reasons = resolve(recipe, device, config, memory, lengths=lengths)
-    if reasons and device == "cuda":
-        console.print("[bold]speed[/] " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
-
-
-def resumable_checkpoint(run: RunDir) -> Path:
-    """The newest complete checkpoint of an unfinished run. Checkpoints that lack their trainer state (a save cut
-    short) are skipped, so an interrupted save never stops a resume."""
-    if not (run.path / "recipe.yaml").exists():
-        raise RunDirError(f"{run.path} is not a tuneforge run directory (no recipe.yaml)", fix="pass the run directory")
-    if run.status == "completed":
-        raise RunDirError(f"run {run.path} already completed; nothing to resume",
-                          fix="train a new run (--output) or raise train.max_steps in a new recipe")
-    candidates = sorted((p for p in (run.path / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for candidate in candidates:
-        if (candidate / "trainer_state.json").exists():
-            return candidate
-    raise RunDirError(f"run {run.path} has no complete checkpoint to resume from",
-                      fix="set train.save_every so checkpoints are written, then train again")
 
 
 def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console, metric_specs,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from tuneforge.errors import DataError, RunDirError
 from tuneforge.recipe import recipe_to_yaml
-from tuneforge.run import RunDir, environment
-from tuneforge.train import (absolute_data_paths, finish_run, forgetting_summary, open_run, print_data_summary,
-                             probe_after_training, probe_before_training, run_doctor, score_model, target_run)
+from tuneforge.run import RunDir, environment, start_run, target_run
+from tuneforge.train import (absolute_data_paths, finish_run, forgetting_summary, print_data_summary,
+                             probe_after_training, probe_before_training, run_doctor, score_model)
 
 POLICY_METHODS = ("ppo", "grpo", "rloo", "online_dpo")
 ANSWER_REWARDS = ("exact_answer", "code_tests", "json_schema", "regex")  # which pass rate is the "accuracy", in order
@@ -61,7 +61,7 @@ def train_rl(recipe, *, output: str | None = None, overwrite: bool = False, cons
         resolved = resolve_path(recipe, recipe.rl.reward_model)
         if resolved and Path(resolved).exists():
             recipe.rl.reward_model = str(Path(resolved).resolve())
-    run = open_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite, console=console)
+    run = start_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite, console=console)
     try:
         return _train_rl_in(run, recipe, tokenizer, data, device, console, checkpoint)
     except BaseException as exc:

@@ -22,7 +22,8 @@ def train_stages(recipe, *, output=None, overwrite=False, console=None, resume=F
     from tuneforge.checkpoints import complete_checkpoints
     from tuneforge.recipe import load_recipe
     from tuneforge.run import RunDir, check_output_path, mark_run_directory, replace_run_directory
-    from tuneforge.train import run_path_for, train
+    from tuneforge.run import run_path_for
+    from tuneforge.train import train
 
     parent = run_path_for(recipe, output)
     stages = recipe.stage_recipes()

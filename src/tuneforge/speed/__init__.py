@@ -102,6 +102,29 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
     return reasons
 
 
+def resolve_for_run(recipe, console, lengths: list[int] | None = None) -> None:
+    """speed.* and train.gradient_checkpointing `auto` -> decisions for this device (this package); `lengths`
+    (the training examples' token counts) let the memory plan size the largest micro-batch the data can make."""
+    from tuneforge.models import local_rank, pick_device
+
+    device = pick_device()
+    config, memory = None, None
+    if device == "cuda":  # the memory plan needs the model's config and the GPU's memory
+        import torch
+
+        from tuneforge.guide.plan import load_model_config
+
+        try:
+            config = load_model_config(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code,
+                                       revision=recipe.model.revision)
+        except Exception:  # a config the plan cannot read: checkpointing stays on, Liger off (the safe choices)
+            config = None
+        memory = torch.cuda.get_device_properties(local_rank()).total_memory / 2**30
+    reasons = resolve(recipe, device, config, memory, lengths=lengths)
+    if reasons and device == "cuda":
+        console.print("[bold]speed[/] " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
+
+
 def largest_micro_batch(recipe, lengths: list[int] | None, batch_size: int | None = None) -> tuple[int, int]:
     """(rows, tokens per row) of the largest micro-batch the data can make: padding-free batches hold the real
     tokens of the batch_size longest examples at worst; padded ones batch_size x the longest example."""
