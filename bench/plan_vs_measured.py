@@ -1,4 +1,4 @@
-"""Plan vs measured: `tuneforge.guide.plan.plan_memory` against the real peak of `torch.cuda.max_memory_allocated()`.
+"""Plan vs measured: `tuneforge.memory.plan_memory` against the real peak of `torch.cuda.max_memory_allocated()`.
 
 On a CUDA machine, for Llama-class models of 1B and 8B parameters with random weights (built from the plan's
 reference configs: no download), trains a few steps with tuneforge's own stack -- `models.load_base_model`,
@@ -41,7 +41,7 @@ GIB = 2**30
 def config_for(size: str):
     from transformers import LlamaConfig
 
-    from tuneforge.guide.plan import reference_config
+    from tuneforge.memory import reference_config
 
     return LlamaConfig(**TINY) if size == "tiny" else reference_config(SIZES[size])
 
@@ -108,10 +108,10 @@ def run_case(case: dict) -> dict:
     from transformers import TrainerCallback
 
     from tuneforge.adapters import apply_adapter
-    from tuneforge.guide.plan import estimate_seconds, find_gpu, plan_memory
-    from tuneforge.methods import get_method
+    from tuneforge.memory import estimate_seconds, find_gpu, plan_memory
+    from tuneforge.methods import get_method, method_spec
     from tuneforge.models import load_base_model, load_tokenizer
-    from tuneforge.run import RunDir
+    from tuneforge.run import RunContext, RunDir
 
     device = case.get("device", "cuda")
     cuda = device == "cuda"
@@ -162,7 +162,9 @@ def run_case(case: dict) -> dict:
         dataset = Dataset.from_dict({"input_ids": ids, "labels": labels})
         with tempfile.TemporaryDirectory() as tmp:
             run = RunDir(Path(tmp) / "run").create(overwrite=True)
-            trainer = get_method("sft")(recipe, model, tokenizer, dataset, None, run, device, [StepTimer()])
+            ctx = RunContext(recipe=recipe, spec=method_spec("sft"), tokenizer=tokenizer, data=None, device=device,
+                             console=None, run=run)
+            trainer = get_method("sft")(ctx, model, dataset, None, [StepTimer()])
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

@@ -68,7 +68,7 @@ def model_config(name: str):
     from transformers import LlamaConfig, Qwen2Config
 
     from plan_vs_measured import TINY
-    from tuneforge.guide.plan import reference_config
+    from tuneforge.memory import reference_config
 
     if name == "tiny":
         return LlamaConfig(**TINY)
@@ -410,7 +410,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker)
 
-    from tuneforge.guide.plan import flops_per_token
+    from tuneforge.memory import flops_per_token
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

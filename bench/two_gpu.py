@@ -149,7 +149,7 @@ def main():
         d.save()
     if "big" in parts and d.left() > 240:
         from speed import model_config
-        from tuneforge.guide.plan import plan_memory
+        from tuneforge.memory import plan_memory
 
         big = build_model(args.big_model, d.work, args.device)
         config = model_config(args.big_model)

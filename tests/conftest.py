@@ -105,3 +105,21 @@ def kill_job(pid: int) -> None:
             os.kill(process, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def run_cli(monkeypatch, capsys, *args, with_stdout: bool = False) -> tuple[int, str]:
+    """Run `tuneforge ARGS` in this process (so monkeypatched faults apply): the exit code and what it printed to
+    stderr (and stdout, with_stdout) as one line."""
+    import sys
+
+    from tuneforge import cli
+
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setattr(sys, "argv", ["tuneforge", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, " ".join((captured.err + (captured.out if with_stdout else "")).split())

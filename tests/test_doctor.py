@@ -1,9 +1,8 @@
 """`tuneforge doctor`: every deliberately broken recipe under tests/broken/ gets its finding, the clean one none.
 
 Each recipe there names what it expects in a header line (`# doctor-expects: CODE SEVERITY`) and, when the mistake
-depends on the hardware, the GPU to check for (`# doctor-device: H100`). Recipes under tests/broken/future/ use
-fields the schema does not have yet (method: dpo, train.collator, ...): they are loaded with parse_recipe when it
-accepts them, else as a recipe-like object (the YAML over the schema's defaults).
+depends on the hardware, the GPU to check for (`# doctor-device: H100`). Every one is a real recipe: the doctor
+reads the Recipe's attributes, so the checks below build real recipes too (`fake_recipe`: parse_recipe over a base).
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
-from tuneforge.errors import RecipeError
 from tuneforge.guide.doctor import (
     CHECKS,
     Context,
@@ -26,8 +23,10 @@ from tuneforge.guide.doctor import (
     raise_for_errors,
     render_findings,
     check_preference_start,
+    needs_sft_start,
     run_doctor,
 )
+from tuneforge.methods import method_names, method_spec, methods_in
 from tuneforge.recipe import parse_recipe
 
 BROKEN = Path(__file__).parent / "broken"
@@ -63,10 +62,10 @@ BROKEN_RECIPES = sorted(p for p in BROKEN.glob("*.yaml") if p.name != "clean.yam
 
 
 def test_every_mistake_of_the_issue_has_a_broken_recipe():
-    expected = {expectation(p)[0] for p in BROKEN_RECIPES} | {expectation(p)[0] for p in (BROKEN / "future").glob("*.yaml")}
+    expected = {expectation(p)[0] for p in BROKEN_RECIPES}
     issue = {"lr-out-of-range", "no-validation-set", "train-eval-overlap", "no-chat-template", "chat-template-mismatch",
              "prompt-loss-not-masked", "dpo-without-sft", "new-tokens-without-modules-to-save", "fp32-on-bf16-gpu",
-             "fp16-on-bf16-gpu", "qlora-optimizer", "qlora-full-state", "target-modules-not-found",
+             "fp16-on-bf16-gpu", "qlora-optimizer", "target-modules-not-found",
              "max-length-truncates", "packing-conflict", "pad-is-eos", "too-many-epochs", "effective-batch-size",
              "warmup-missing", "duplicate-examples", "eval-set-too-small"}
     assert issue <= expected, f"no broken recipe for {sorted(issue - expected)}"
@@ -96,13 +95,7 @@ def test_quickstart_recipe_has_no_error():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Recipes with fields the schema does not have yet
-
-
-def to_namespace(value):
-    if isinstance(value, dict):
-        return SimpleNamespace(**{k: to_namespace(v) for k, v in value.items()})
-    return value
+# Checks on recipes alone (no model, no data)
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -112,40 +105,8 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def recipe_like(path: Path):
-    """parse_recipe when the schema accepts the file, else its YAML over the schema's defaults."""
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    try:
-        return parse_recipe(data)
-    except RecipeError:
-        if isinstance(data.get("model"), str):
-            data["model"] = {"name": data["model"]}
-        known = {"name": data["name"], "model": {"name": data["model"]["name"]}, "data": {"train": data["data"]["train"]},
-                 "adapter": {"type": data.get("adapter", {}).get("type", "lora")}}
-        defaults = parse_recipe(known).model_dump(mode="json")
-        return to_namespace(merge(defaults, data))
-
-
-@pytest.mark.parametrize("path", sorted((BROKEN / "future").glob("*.yaml")), ids=lambda p: p.stem)
-def test_future_recipe_is_flagged(path, monkeypatch):
-    from tuneforge.guide.plan import load_model_config
-    from tuneforge.models import load_tokenizer
-
-    monkeypatch.chdir(BROKEN)
-    recipe = recipe_like(path)
-    code, severity = expectation(path)
-    findings = run_doctor(recipe, tokenizer=load_tokenizer(recipe.model.name), model_config=load_model_config(recipe.model.name),
-                          device_info=device_for(path), source=str(path))
-    assert (code, severity) in codes(findings), codes(findings)
-    where = next(f.where for f in findings if f.code == code)
-    assert path.name in where or "`" in where
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checks on recipe-like objects (no model, no data)
-
-
-def fake_recipe(**sections) -> SimpleNamespace:
+def fake_recipe(**sections):
+    """A real Recipe: the base below with `sections` merged over it, validated by the schema."""
     base = {
         "name": "x", "method": "sft",
         "model": {"name": "embedded:smollm2-135m-instruct", "dtype": "auto", "chat_template": None, "trust_remote_code": False},
@@ -157,7 +118,7 @@ def fake_recipe(**sections) -> SimpleNamespace:
                   "optimizer": "adamw_torch", "gradient_checkpointing": False, "eval_every": None},
         "eval": {"max_examples": 100},
     }
-    return to_namespace(merge(base, sections))
+    return parse_recipe(merge(base, sections))
 
 
 def test_recipe_alone_is_clean():
@@ -186,13 +147,56 @@ def test_dpo_without_sft_start_depends_on_the_evidence():
     base = fake_recipe(method="dpo", model={"name": "meta-llama/Llama-3.1-8B"}, train={"lr": 5e-7})
     no_template = SimpleNamespace(chat_template=None, pad_token_id=None, eos_token_id=None)
     assert ("dpo-without-sft", "warning") in codes(run_doctor(base))  # no tokenizer: unsure, so a warning
-    with_stage = fake_recipe(method="dpo", stages=["sft", "dpo"], model={"name": "meta-llama/Llama-3.1-8B"}, train={"lr": 5e-7})
+    with_stage = fake_recipe(method="dpo", stages=[{"name": "sft", "method": "sft", "train": {"lr": 2e-4}}, {"name": "dpo"}],
+                             model={"name": "meta-llama/Llama-3.1-8B"}, train={"lr": 5e-7})
     assert "dpo-without-sft" not in [f.code for f in run_doctor(with_stage)]
     instruct = fake_recipe(method="kto", model={"name": "meta-llama/Llama-3.1-8B-Instruct"}, train={"lr": 5e-7})
     assert "dpo-without-sft" not in [f.code for f in run_doctor(instruct)]
     orpo = fake_recipe(method="orpo", model={"name": "meta-llama/Llama-3.1-8B"}, train={"lr": 5e-7})
     assert "dpo-without-sft" not in [f.code for f in run_doctor(orpo)]  # ORPO starts from a base by design
     assert [f.severity for f in check_preference_start(Context(recipe=base, tokenizer=no_template))] == ["error"]
+
+
+def test_method_lists_come_from_the_registry():
+    # preference methods but orpo (its loss includes SFT) and every RL method start from an SFT model
+    expected = (set(methods_in("preference")) - {"orpo"}) | set(methods_in("rl"))
+    assert {m for m in method_names() if needs_sft_start(m)} == expected
+    # the range and the rate to start from are the method's own, for RL methods too
+    low, high = method_spec("grpo").lr_range_for("full")
+    found = run_doctor(fake_recipe(method="grpo", adapter={"type": "full"}, train={"lr": high * 2},
+                                   rl={"rewards": [{"name": "exact_answer"}]}, model={"name": "x-instruct"}))
+    lr = next(f for f in found if f.code == "lr-out-of-range")
+    assert lr.severity == "warning" and f"{high:g}" in lr.message and "start at 1e-6" in lr.fix
+    dpo = next(f for f in run_doctor(fake_recipe(method="dpo", adapter={"type": "lora"}, train={"lr": 1e-3},
+                                                 model={"name": "x-instruct"})) if f.code == "lr-out-of-range")
+    assert "start at 5e-6" in dpo.fix and "preference methods" in dpo.why
+    sft = next(f for f in run_doctor(fake_recipe(train={"lr": 5e-2})) if f.code == "lr-out-of-range")
+    assert "start at 2e-4" in sft.fix and "for lora" in sft.message
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("grpo", {"rl": {"rewards": [{"name": "exact_answer"}]}}),  # prompts
+    ("reward", {}),  # pairs
+    ("dpo", {}),  # pairs
+    ("sft", {}),  # conversations
+])
+def test_missing_data_is_a_finding_for_every_data_kind(method, extra, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(BROKEN)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": "embedded:smollm2-135m-instruct", "method": method,
+                                      "data": {"train": "datasets/missing.jsonl"}, **extra}))
+    assert ("data-error", "error") in codes(doctor_recipe(recipe, device_info=CPU))
+
+
+def test_reward_data_is_prepared_as_pairs(tmp_path, monkeypatch):
+    monkeypatch.chdir(BROKEN)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: embedded:smollm2-135m-instruct\nmethod: reward\n"
+                      "data:\n  train: datasets/prefs-train.jsonl\n")
+    found = doctor_recipe(recipe, device_info=CPU)
+    assert "data-error" not in [f.code for f in found], codes(found)
 
 
 def test_preference_method_epochs_and_packing():
@@ -226,8 +230,8 @@ def test_precision_by_device():
 def test_qlora_checks():
     good = fake_recipe(adapter={"type": "qlora"}, train={"optimizer": "paged_adamw_8bit"})
     assert run_doctor(good, device_info=device_from_gpu("L4")) == []
-    full_state = fake_recipe(adapter={"type": "qlora"}, train={"optimizer": "paged_adamw_8bit", "save_only_model": False})
-    assert ("qlora-full-state", "warning") in codes(run_doctor(full_state, device_info=device_from_gpu("L4")))
+    plain = fake_recipe(adapter={"type": "qlora"}, train={"optimizer": "adamw_torch"})
+    assert ("qlora-optimizer", "warning") in codes(run_doctor(plain, device_info=device_from_gpu("L4")))
 
 
 def test_memory_check_uses_the_plan():
@@ -258,15 +262,13 @@ def test_target_modules_on_a_config_without_weights(tmp_path):
     assert ("target-modules-not-found", "error") in codes(run_doctor(missing_save, model_config=config))
 
 
-def test_pad_eos_with_masking_collator_is_an_error(monkeypatch):
+def test_pad_eos_is_a_note(monkeypatch):
     from tuneforge.models import load_tokenizer
 
     monkeypatch.chdir(BROKEN)
     tokenizer = load_tokenizer("models/pad-eos")
     safe = run_doctor(fake_recipe(model={"name": "models/pad-eos"}), tokenizer=tokenizer)
-    assert ("pad-is-eos", "info") in codes(safe)
-    masked = run_doctor(fake_recipe(model={"name": "models/pad-eos"}, train={"collator": "language_modeling"}), tokenizer=tokenizer)
-    assert ("pad-is-eos", "error") in codes(masked)
+    assert ("pad-is-eos", "info") in codes(safe)  # tuneforge masks padding by position: safe, worth knowing
 
 
 def test_where_points_at_the_recipe_line(monkeypatch):

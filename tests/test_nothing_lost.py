@@ -5,13 +5,12 @@ files is refused (exit 2) before anything is deleted."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import yaml
 from rich.console import Console
 
-from conftest import tiny_recipe
+from conftest import run_cli, tiny_recipe
 from tuneforge.errors import RunDirError
 from tuneforge.recipe import parse_recipe
 from tuneforge.run import RUN_MARKER
@@ -25,17 +24,7 @@ def _raw(model_dir, data_file, **sections):
 
 
 def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from tuneforge import cli
-
-    monkeypatch.setenv("COLUMNS", "400")
-    monkeypatch.setattr(sys, "argv", ["tuneforge", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, " ".join((captured.err + captured.out).split())
+    return run_cli(monkeypatch, capsys, *args, with_stdout=True)
 
 
 def _user_folder(path):

@@ -237,3 +237,42 @@ def test_plan_of_a_recipe_and_a_reference_size():
     verdicts = {row["adapter"]: row for row in big.rows}
     assert not verdicts["full"]["fits"] and not verdicts["lora"]["fits"]
     assert verdicts["full"]["changes"]
+
+
+def test_one_translation_of_a_recipe_into_the_plan():
+    """memory.recipe_settings is the one door from a recipe into the plan (speed, guards, distributed and `tuneforge
+    plan` go through it): every recipe key the plan reads, changes applied last, the dtype from the GPU."""
+    from tuneforge.memory import DEFAULT_OPTIMIZER, plan_for_recipe, recipe_settings
+    from tuneforge.recipe import DEFAULT_OPTIMIZER as RECIPE_DEFAULT_OPTIMIZER
+    from tuneforge.recipe import parse_recipe
+
+    assert DEFAULT_OPTIMIZER is RECIPE_DEFAULT_OPTIMIZER  # one table: recipe.py takes it from memory.py
+    recipe = parse_recipe({"name": "t", "model": {"name": "llama-8b"}, "data": {"train": "x.jsonl"},
+                           "adapter": {"type": "qlora", "r": 32, "dropout": 0.0, "modules_to_save": ["lm_head"]},
+                           "quant": {"bits": 8, "double_quant": False},
+                           "train": {"batch_size": 2, "max_length": 1024, "gradient_checkpointing": True}})
+    settings = recipe_settings(recipe, gpu=find_gpu("A100"))
+    assert settings == dict(adapter="qlora", seq_len=1024, batch_size=2, gradient_checkpointing=True,
+                            optimizer="paged_adamw_8bit", dtype="bf16", lora_r=32, target_modules="all-linear",
+                            lora_dropout=0.0, modules_to_save=["lm_head"], quant_bits=8, double_quant=False)
+    assert recipe_settings(recipe, gpu=find_gpu("T4"))["dtype"] == "fp32"  # precision auto, no bf16 on a T4
+    assert recipe_settings(recipe, seq_len=99, dtype="fp16")["seq_len"] == 99
+    config = reference_config("llama-8b")
+    assert plan_for_recipe(recipe, config, gpu=find_gpu("A100"), batch_size=1) == plan_memory(config, **{**settings, "batch_size": 1})
+    none = parse_recipe({"name": "t", "data": {"train": "x.jsonl"}, "adapter": {"type": "none"}})
+    assert recipe_settings(none, dtype="bf16")["adapter"] == "full"
+
+
+def test_memory_and_ranks_sit_at_the_bottom_of_the_layers():
+    """memory.py, memory_shapes.py and ranks.py import nothing from tuneforge but errors (and each other), anywhere
+    in the file: speed, guards, distributed, run and models import them without an import loop."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "src" / "tuneforge"
+    allowed = {"tuneforge.errors", "tuneforge.memory_shapes"}
+    for name in ("memory.py", "memory_shapes.py", "ranks.py"):
+        tree = ast.parse((package / name).read_text(encoding="utf-8"))
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | \
+            {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert {m for m in imported if m.startswith("tuneforge")} <= allowed, (name, imported)

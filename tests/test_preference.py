@@ -83,7 +83,8 @@ def test_peft_reference_keeps_no_second_model(tmp_path, tiny_model_dir, pref_fil
     from tuneforge.models import load_base_model, load_tokenizer
     from tuneforge.adapters import apply_adapter
     from tuneforge.methods.preference import preference_datasets
-    from tuneforge.run import RunDir
+    from tuneforge.methods import method_spec
+    from tuneforge.run import RunContext, RunDir
 
     recipe = parse_recipe(pref_recipe(tiny_model_dir, pref_file))
     tokenizer = load_tokenizer(recipe.model.name)
@@ -92,7 +93,9 @@ def test_peft_reference_keeps_no_second_model(tmp_path, tiny_model_dir, pref_fil
     base_tensors = sum(1 for n, _ in model.named_parameters() if "lora_" not in n)
     modules = sum(1 for _ in model.modules())
     train_ds, eval_ds = preference_datasets(recipe, data)
-    trainer = get_method("dpo")(recipe, model, tokenizer, train_ds, eval_ds, RunDir(tmp_path / "r"), "cpu", [])
+    ctx = RunContext(recipe=recipe, spec=method_spec("dpo"), tokenizer=tokenizer, data=data, device="cpu",
+                     console=None, run=RunDir(tmp_path / "r"))
+    trainer = get_method("dpo")(ctx, model, train_ds, eval_ds, [])
     assert trainer.ref_model is None
     assert sum(1 for n, _ in trainer.model.named_parameters() if "lora_" not in n) == base_tensors
     assert sum(1 for _ in trainer.model.modules()) == modules  # no copy of the network anywhere

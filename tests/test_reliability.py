@@ -19,7 +19,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from conftest import read_metrics, tiny_recipe, kill_job
+from conftest import kill_job, read_metrics, run_cli, tiny_recipe
 from tuneforge.recipe import parse_recipe
 from tuneforge.train import train
 
@@ -41,18 +41,7 @@ def _losses(run_path):
 
 
 def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """Run `tuneforge ARGS` in this process (so monkeypatched faults apply); exit code and stderr, one line."""
-    from tuneforge import cli
-
-    monkeypatch.setenv("COLUMNS", "400")
-    monkeypatch.setattr(sys, "argv", ["tuneforge", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    err = capsys.readouterr().err
-    return code, " ".join(err.split())
+    return run_cli(monkeypatch, capsys, *args)
 
 
 def _write(tmp_path, raw, name="r.yaml"):

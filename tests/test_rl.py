@@ -236,12 +236,13 @@ def test_grpo_toy_run_on_the_embedded_model(tmp_path):
 
 
 def test_a_policy_cannot_start_from_a_reward_run(reward_run):
-    from tuneforge.train_rl import check_start_adapter
+    from tuneforge.methods import method_spec
+    from tuneforge.train import check_start_adapter
 
     recipe = parse_recipe({"name": "x", "method": "ppo", "data": {"train": "t.jsonl"}, "train": {"batch_size": 4},
                            "model": {"adapter": str(reward_run)}, "rl": {"reward_model": str(reward_run)}})
     with pytest.raises(RecipeError, match="model.adapter.*is a reward model"):
-        check_start_adapter(recipe)
+        check_start_adapter(recipe, method_spec("ppo"))
 
 
 def test_doctor_flags_rl_pitfalls():

@@ -49,7 +49,7 @@ def train(
     if print_launch:
         raise RecipeError(["--print-launch: say how many processes, with --gpus N (or --cpu-processes N)"])
 
-    from tuneforge.distributed import is_launched, is_main_process
+    from tuneforge.ranks import is_launched, is_main_process
     from tuneforge.train import train as run_train
 
     out = console
@@ -102,6 +102,23 @@ def doctor(
     render_findings(console, findings, title=f"doctor: {recipe}")
     if has_errors(findings):
         raise typer.Exit(2)
+
+
+@app.command()
+def methods():
+    """List the training methods: family, data, default learning rates and KL, from their declarations."""
+    from rich.table import Table
+
+    from tuneforge.methods import format_rate, method_names, method_spec
+
+    table = Table(title="methods (src/tuneforge/methods/)")
+    for column in ("method", "family", "data", "lr LoRA", "lr full", "KL", "what it trains"):
+        table.add_column(column)
+    for name in method_names():
+        m = method_spec(name)
+        table.add_row(name, m.family, m.data, format_rate(m.lr["lora"]), format_rate(m.lr["full"]),
+                      "" if m.kl is None else f"{m.kl:g}", m.summary)
+    console.print(table)
 
 
 @app.command()
@@ -289,7 +306,7 @@ def data_preview(
 
 
 def main() -> None:
-    from tuneforge.distributed import is_launched, rank, record_rank_error
+    from tuneforge.ranks import is_launched, rank, record_rank_error
 
     where = f"[rank {rank()}] " if is_launched() else ""
     try:

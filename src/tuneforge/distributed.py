@@ -7,8 +7,8 @@ integration. tuneforge writes no all-reduce, sharding or launcher of its own; it
    (`launch`), or prints that command and its torchrun equivalent (`launch_commands`) for clusters;
 3. maps the section onto TrainingArguments fields (`training_arguments`): ddp_backend and
    ddp_find_unused_parameters for DDP, `fsdp` + `fsdp_config` (FSDP2) for FSDP, a `deepspeed` config dict;
-4. keeps side effects on rank 0 (`is_main_process`, used by run.py and progress.py) and turns an error on any
-   rank into one line naming the rank (`record_rank_error` in the ranks, `rank_errors` in the launcher).
+4. keeps side effects on rank 0 (`is_main_process`, in ranks.py) and turns an error on any rank into one line
+   naming the rank (`record_rank_error` in the ranks -- ranks.py --, `rank_errors` in the launcher).
 
 Recipe keys read: distributed.strategy, distributed.sharding, distributed.cpu_offload,
 distributed.activation_checkpointing, distributed.mixed_precision; adapter.type, train.gradient_checkpointing,
@@ -25,32 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.errors import RecipeError
-
-ENV_ERROR_DIR = "TUNEFORGE_ERROR_DIR"  # where each rank writes its error, for the launcher to report
-ENV_PREPARED_RUN = "TUNEFORGE_PREPARED_RUN"  # the run directory the launcher prepared (ranks must not recreate it)
-ENV_STRATEGY = "TUNEFORGE_STRATEGY"  # the resolved strategy, for code that runs before TrainingArguments
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Where am I
-
-
-def rank() -> int:
-    """This process's global rank (0 when not launched)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def is_launched() -> bool:
-    """Started by accelerate launch / torchrun (even with one process)."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def is_main_process() -> bool:
-    return rank() == 0
+# The rank helpers live in ranks.py (a bottom-layer module anyone may import); re-exported here for the callers that
+# still import them from distributed.
+from tuneforge.ranks import (  # noqa: F401
+    ENV_ERROR_DIR,
+    ENV_PREPARED_RUN,
+    ENV_STRATEGY,
+    allow_training_wrap_after_evaluate,
+    is_launched,
+    is_main_process,
+    quant_storage_dtype,
+    rank,
+    record_rank_error,
+    world_size,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,28 +56,28 @@ class DistributedPlan:
 
 
 def resolve_strategy(recipe, *, device: str, gpu_memory_gib: float | None = None) -> tuple[str, str]:
-    """strategy: auto -> ddp when the model fits one GPU by guide/plan.py's estimate, else fsdp. Returns the
-    strategy and the reason."""
+    """strategy: auto -> ddp when the model fits one GPU by the memory plan's estimate (memory.py), else fsdp.
+    Returns the strategy and the reason."""
     d = recipe.distributed
     if d.strategy != "auto":
         return d.strategy, "set in the recipe"
     if device != "cuda":
         return "ddp", "CPU processes: DDP (no GPU memory to plan)"
-    from tuneforge.guide.plan import GpuSpec, default_gpu, fit_verdict, load_model_config
+    from tuneforge.memory import GpuSpec, default_gpu, recipe_model_config, verdict_for_recipe
+    from tuneforge.models import resolve_model_source
 
     gpu = default_gpu()
     if gpu_memory_gib is not None:
         gpu = GpuSpec(gpu.name, gpu_memory_gib, gpu.bf16, gpu.tflops)
     try:
-        config = load_model_config(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code,
-                                   revision=recipe.model.revision)
+        config = recipe_model_config(recipe, resolve_source=resolve_model_source)
     except Exception as exc:  # no config to plan with: DDP is the safe, simple default
         return "ddp", f"model config unavailable for planning ({type(exc).__name__}); DDP"
-    adapter = "full" if recipe.adapter.type == "none" else recipe.adapter.type
-    verdict = fit_verdict(config, gpu=gpu, adapter=adapter, seq_len=recipe.train.max_length,
-                          batch_size=recipe.train.batch_size, gradient_checkpointing=recipe.train.gradient_checkpointing,
-                          optimizer=recipe.train.optimizer, dtype="bf16" if gpu.bf16 else "fp16", lora_r=recipe.adapter.r,
-                          target_modules=recipe.adapter.target_modules)
+    # As this plan has always been made: in the GPU's half precision whatever train.precision says, and with the
+    # plan's defaults for LoRA dropout, modules_to_save and the QLoRA quantization instead of the recipe's (kept so
+    # `auto` picks the same strategy as before; dropping these pins would plan the recipe as `tuneforge plan` does).
+    verdict = verdict_for_recipe(recipe, config, gpu=gpu, dtype="bf16" if gpu.bf16 else "fp16", lora_dropout=0.05,
+                                 modules_to_save=(), quant_bits=4, double_quant=True)
     need, have = verdict["needed_gib"], verdict["available_gib"]
     if verdict["fits"]:
         return "ddp", f"fits one {gpu.name} (~{need:.1f} of {have:.0f} GiB): DDP"
@@ -154,7 +142,7 @@ def plan_launch(recipe, *, processes: int, device: str) -> DistributedPlan:
     strategy, reason = resolve_strategy(recipe, device=device)
     problems = check_distributed(recipe, strategy=strategy, device=device, processes=processes, available_gpus=available)
     if problems:
-        raise RecipeError(problems, source=getattr(recipe, "_source_path", None))
+        raise RecipeError(problems, source=recipe.source_path)
     sharding = None if strategy == "ddp" else (recipe.distributed.sharding if recipe.distributed.sharding != "auto" else "full")
     overrides = [f"distributed.strategy={strategy}"] + ([f"distributed.sharding={sharding}"] if sharding else [])
     return DistributedPlan(processes=processes, device=device, strategy=strategy, sharding=sharding, reason=reason,
@@ -222,7 +210,7 @@ def training_arguments(recipe, device: str) -> dict:
     if d.mixed_precision != "auto":
         args.update(bf16=d.mixed_precision == "bf16", fp16=d.mixed_precision == "fp16")
     checkpointing = _activation_checkpointing(recipe)
-    from tuneforge.methods.common import checkpointing_field
+    from tuneforge.library_fixes import checkpointing_field
 
     if strategy == "ddp":
         # Every trainable parameter takes part in each step (LoRA on all-linear, or the full model); telling DDP so
@@ -243,18 +231,6 @@ def training_arguments(recipe, device: str) -> dict:
         args["deepspeed"] = deepspeed_config(recipe, sharding=sharding)
         args.update(checkpointing_field(checkpointing))
     return args
-
-
-def quant_storage_dtype(compute_dtype):
-    """bitsandbytes' `bnb_4bit_quant_storage` for this process: under FSDP or DeepSpeed ZeRO-3 the packed 4-bit
-    weights are sharded like any other parameter, which needs them stored in the compute dtype (a flat uint8
-    tensor mixed with bf16 ones cannot be sharded together); otherwise uint8, bitsandbytes' default."""
-    import torch
-
-    strategy = os.environ.get(ENV_STRATEGY, "")
-    sharded = strategy in ("fsdp", "deepspeed") or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
-        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    return compute_dtype if sharded else torch.uint8
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,25 +311,6 @@ def child_environment(plan: DistributedPlan, error_dir: str, run_path: str | Non
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.processes)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-
-
-def record_rank_error(exc: BaseException) -> None:
-    """In a launched rank: write this rank's error where the launcher reads it."""
-    folder = os.environ.get(ENV_ERROR_DIR)
-    if not folder:
-        return
-    from tuneforge.errors import TuneforgeError
-
-    import json
-
-    if isinstance(exc, TuneforgeError):
-        record = {"message": exc.render(), "exit_code": exc.exit_code}
-    else:
-        record = {"message": f"{type(exc).__name__}: {exc}", "exit_code": 1}
-    try:
-        Path(folder, f"rank-{rank()}.json").write_text(json.dumps(record), encoding="utf-8")
-    except OSError:
-        pass
 
 
 def rank_errors(error_dir: str | Path) -> dict[int, dict]:
@@ -455,18 +412,3 @@ def launch(recipe, *, recipe_path: str | None, processes: int, device: str, over
         raise LaunchFailed(message, exit_code=exit_code)
     return {"plan": plan, "commands": commands, "run": run_path, "config": config}
 
-
-def allow_training_wrap_after_evaluate(model, state) -> None:
-    """Library fix (accelerate 1.15 + transformers 5.24): `trainer.evaluate()` before `trainer.train()` prepares the
-    model in evaluation mode, which skips the DDP wrapper but still marks the model `_is_accelerate_prepared`; the
-    training prepare then returns it unwrapped, and each rank silently trains on its own gradients (found by the
-    1-vs-2-process loss test). Called from the run's callback after an evaluation before the first step: clears the
-    mark so training wraps the model in DDP. FSDP/DeepSpeed evaluation prepares fully, so nothing changes there."""
-    if model is None or state.global_step != 0 or world_size() < 2:
-        return
-    if getattr(model, "_is_accelerate_prepared", False):
-        from accelerate.state import AcceleratorState
-
-        if AcceleratorState._shared_state.get("distributed_type") is not None and \
-                str(AcceleratorState().distributed_type) in ("DistributedType.MULTI_GPU", "DistributedType.MULTI_CPU"):
-            model._is_accelerate_prepared = False

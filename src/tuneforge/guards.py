@@ -6,7 +6,7 @@
   (gradients dropped before the optimizer sees them, so weights and optimizer state are untouched), counted in
   status.json and summary.json; step N+1 stops the run as above.
 - Out of memory (torch.OutOfMemoryError, CUDA/MPS/CPU allocator "out of memory" errors) in a training or
-  evaluation step: becomes OutOfMemory naming the step, with the memory plan's advice (guide/plan.py: a smaller
+  evaluation step: becomes OutOfMemory naming the step, with the memory plan's advice (memory.py: a smaller
   micro-batch with more accumulation, gradient checkpointing, QLoRA), each change with its planned memory. With
   `train.oom_retry: true` the run continues from its last checkpoint with half the micro-batch and twice
   grad_accum (same effective batch: the sampler's order is the same, so each optimizer step sees the same examples).
@@ -222,16 +222,11 @@ def oom_advice(recipe) -> list[str]:
 def _planned_gib(recipe, changes: list[dict]):
     """(planned GiB now, [planned GiB after each change]), or None when the model's config cannot be read."""
     try:
-        from tuneforge.guide.plan import _recipe_dtype, default_gpu, load_model_config, model_shape, plan_memory
+        from tuneforge.memory import model_shape, plan_memory, recipe_model_config, recipe_settings
+        from tuneforge.models import resolve_model_source
 
-        t, a = recipe.train, recipe.adapter
-        shape = model_shape(load_model_config(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code,
-                                              revision=recipe.model.revision))
-        settings = dict(adapter="full" if a.type == "none" else a.type, seq_len=t.max_length, batch_size=t.batch_size,
-                        gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
-                        dtype=_recipe_dtype(recipe, default_gpu()), lora_r=a.r, target_modules=a.target_modules,
-                        lora_dropout=a.dropout, modules_to_save=list(a.modules_to_save), quant_bits=recipe.quant.bits,
-                        double_quant=recipe.quant.double_quant)
+        shape = model_shape(recipe_model_config(recipe, resolve_source=resolve_model_source))
+        settings = recipe_settings(recipe)  # the recipe as it runs, in its dtype on this machine's GPU
         now = plan_memory(shape, **settings)["reserved_gib"]
         return now, [plan_memory(shape, **{**settings, **change})["reserved_gib"] for change in changes]
     except Exception:  # noqa: BLE001 -- advice without numbers is still advice
@@ -243,9 +238,8 @@ def train_with_oom_retry(attempt, recipe, run, checkpoint, console):
     train.grad_accum (the effective batch stays), save that in the run's recipe.yaml and continue from the newest
     complete checkpoint (or from the start). Stops retrying at batch_size 1. An OOM outside the steps becomes
     OutOfMemory with advice, and a full disk outside checkpoint saves (final weights, eval files) DiskFullError."""
+    from tuneforge.ranks import is_launched
     from tuneforge.recipe import recipe_to_yaml
-
-    from tuneforge.distributed import is_launched
 
     retries = []
     while True:

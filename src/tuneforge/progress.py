@@ -56,7 +56,7 @@ class ProgressCallback(TrainerCallback):
             self.progress.update(self.task, info=info)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        from tuneforge.distributed import allow_training_wrap_after_evaluate
+        from tuneforge.ranks import allow_training_wrap_after_evaluate
 
         allow_training_wrap_after_evaluate(model, state)
 

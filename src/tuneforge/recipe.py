@@ -12,31 +12,28 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tuneforge.errors import RecipeError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
-# Learning rate by adapter type (seed 000, steps 3-5 and "common mistakes": 2e-4 LoRA, 2e-5 full FT).
-DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "none": 2e-5}
-# Documented ranges; outside them `doctor` warns (seed 000 step 3 table, step 6 for DPO).
-LR_RANGE = {"lora": (1e-5, 1e-3), "qlora": (1e-5, 1e-3), "full": (1e-6, 1e-4), "none": (1e-6, 1e-4)}
-# QLoRA pages optimizer state to CPU under pressure (seed 000 step 5); plain AdamW otherwise.
-# Preference methods (seed 000 step 6): far lower than SFT; 5e-7 full, 5e-6 with LoRA (10x, as LoRA's own default is).
-DEFAULT_PREFERENCE_LR = {"lora": 5e-6, "qlora": 5e-6, "full": 5e-7, "none": 5e-7}
-PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo", "cpo")
-DEFAULT_OPTIMIZER = {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "adamw_torch", "none": "adamw_torch"}
-# Reward models and RL (methods/reward.py, rl.py, ppo.py, gkd.py). Full fine-tuning values are the seeds' (seed 000
-# step 7: PPO 1e-5) or TRL's (GRPO/RLOO 1e-6, online DPO 5e-7 as DPO, reward model 1e-5); LoRA takes 10x, as above.
-# gkd is supervised (a KL to the teacher on SFT data), so it keeps the SFT rates of DEFAULT_LR.
-RL_METHODS = ("reward", "ppo", "grpo", "rloo", "online_dpo", "gkd")
-DEFAULT_RL_LR = {"reward": (1e-4, 1e-5), "ppo": (1e-4, 1e-5), "grpo": (1e-5, 1e-6), "rloo": (1e-5, 1e-6),
-                 "online_dpo": (5e-6, 5e-7)}  # method -> (LoRA/QLoRA, full)
-# KL coefficient to the reference by method: PPO 0.05 (seed 000 step 7), GRPO 0.04 (the GRPO paper's value), RLOO 0.05
-# (TRL), online DPO 0.1 (DPO's beta, seed 000 step 6). Seed 003: too small and the policy hacks the reward, too
-# large and RL makes no progress.
-DEFAULT_KL = {"ppo": 0.05, "grpo": 0.04, "rloo": 0.05, "online_dpo": 0.1}
+# Learning rates, their documented ranges and KL coefficients are the methods' own: each method module declares them
+# (src/tuneforge/methods/, `Method.lr`, `lr_range`, `kl`) and `Recipe.resolve_defaults` fills them in from there.
+# The optimizer by adapter type lives with the memory model that sizes its state (memory.py).
+from tuneforge.memory import DEFAULT_OPTIMIZER  # noqa: E402
+
+
+def _method_names() -> list[str]:
+    from tuneforge.methods import method_names
+
+    return method_names()
+
+
+def _methods_help() -> str:
+    from tuneforge.methods import method_names, method_spec
+
+    return " | ".join(f"{name} ({method_spec(name).summary})" for name in method_names())
 
 
 class KeyedValueError(ValueError):
@@ -237,7 +234,7 @@ class RewardSpec(_Section):
 
     @model_validator(mode="after")
     def _known_reward(self) -> RewardSpec:
-        from tuneforge.rewards import check_reward_spec
+        from tuneforge.reward_specs import check_reward_spec
 
         check_reward_spec(self.name, self.options)  # names and options; files are read when the run starts
         return self
@@ -333,7 +330,7 @@ class DistributedSection(_Section):
     """Several GPUs (`tuneforge train --gpus N`); distributed.py maps this onto TrainingArguments."""
 
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
-        "auto", description="auto = DDP when the model fits one GPU (guide/plan.py), FSDP full-shard when it does not."
+        "auto", description="auto = DDP when the model fits one GPU (memory.py), FSDP full-shard when it does not."
     )
     sharding: Literal["auto", "full", "grad_op", "hybrid"] = Field(
         "auto", description="fsdp/deepspeed: full (FSDP full-shard / ZeRO-3), grad_op (shard grads + optimizer / "
@@ -351,12 +348,8 @@ class DistributedSection(_Section):
 class Recipe(_Section):
     name: str = Field(..., min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
     model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
-    method: Literal["sft", "cpt", "dpo", "kto", "orpo", "simpo", "cpo", "reward", "ppo", "grpo", "rloo", "online_dpo",
-                    "gkd"] = Field(
-        "sft", description="sft (loss on answers) | cpt (continued pre-training on text) | dpo | kto (unpaired) | "
-        "orpo (SFT + odds ratio, no reference) | simpo (reference-free, length-normalised) | cpo | reward (reward "
-        "model on pairs) | ppo (RLHF against a reward model) | grpo / rloo (RL with reward functions) | online_dpo | "
-        "gkd (distillation from rl.teacher).")
+    method: str = Field("sft", description="The training method; each is declared by its module in "
+                        "src/tuneforge/methods/ (`tuneforge methods` lists them): " + _methods_help() + ".")
     data: DataSection
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     quant: QuantSection = Field(default_factory=QuantSection)
@@ -373,10 +366,39 @@ class Recipe(_Section):
         "(model.adapter) and gets its own run directory <run>/<stage name>.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
 
+    # Where the recipe came from (set by load_recipe; not keys): relative data paths resolve against source_dir,
+    # doctor's findings point at source_path:line, and a multi-stage recipe builds its stages from the keys as
+    # written (stage_base), not from the resolved defaults.
+    _source_dir: Path | None = PrivateAttr(None)
+    _source_path: str | None = PrivateAttr(None)
+    _stage_base: dict | None = PrivateAttr(None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        return self._source_dir
+
+    @property
+    def source_path(self) -> str | None:
+        return self._source_path
+
+    @property
+    def stage_base(self) -> dict | None:
+        return self._stage_base
+
     @field_validator("model", mode="before")
     @classmethod
     def _model_shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        names = _method_names()
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1)
+            raise ValueError(f"unknown method {value!r}; " + (f"did you mean {close[0]!r}? " if close else "")
+                             + f"known: {', '.join(names)}")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -387,14 +409,17 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def resolve_defaults(self) -> Recipe:
-        """Fill the defaults that depend on other keys, so the saved recipe shows what actually ran."""
-        if self.train.lr is None and self.method in DEFAULT_RL_LR:
-            self.train.lr = DEFAULT_RL_LR[self.method][0 if self.uses_lora else 1]
+        """Fill the defaults that depend on other keys, so the saved recipe shows what actually ran; the method's own
+        checks (keys it needs, keys it refuses) raise on the key to fix."""
+        from tuneforge.methods import method_spec
+
+        spec = method_spec(self.method)
         if self.train.lr is None:
-            table = DEFAULT_PREFERENCE_LR if self.method in PREFERENCE_METHODS else DEFAULT_LR
-            self.train.lr = table[self.adapter.type]
-        if self.method in RL_METHODS:
-            check_rl_recipe(self)
+            self.train.lr = spec.default_lr(self.adapter.type)
+        if spec.kl is not None and self.rl.kl_coef is None:
+            self.rl.kl_coef = spec.kl
+        for key, problem in spec.refusals(self):
+            raise KeyedValueError(key, f"method {self.method}: {problem}" if not problem.startswith("method") else problem)
         if self.train.optimizer is None:
             self.train.optimizer = DEFAULT_OPTIMIZER[self.adapter.type]
         if self.train.early_stopping is not None and not self.train.eval_every:
@@ -403,9 +428,6 @@ class Recipe(_Section):
             raise KeyedValueError("model.adapter_mode", f"continue trains the loaded LoRA adapter, so adapter.type must "
                                                         f"be lora or qlora (got {self.adapter.type}); use adapter_mode: "
                                                         f"merge to fine-tune the merged model fully")
-        if self.method == "cpt" and self.data.format not in ("auto", "text"):
-            raise KeyedValueError("data.format", f"method cpt trains on plain text; data.format must be text or auto "
-                                                 f"(got {self.data.format!r})")
         return self
 
     @model_validator(mode="wrap")
@@ -416,7 +438,7 @@ class Recipe(_Section):
         recipe = handler(data)
         if isinstance(data, dict) and data.get("stages"):
             base = {k: v for k, v in data.items() if k != "stages"}
-            recipe._stage_base = base  # type: ignore[attr-defined]
+            recipe._stage_base = base
             names = set()
             for i, stage in enumerate(data["stages"]):
                 if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage["name"]:
@@ -436,54 +458,17 @@ class Recipe(_Section):
 
     def stage_recipes(self) -> list[Recipe]:
         """The recipes of a multi-stage run, in order (model.adapter of each later stage is set when it starts)."""
-        base = getattr(self, "_stage_base", None) or {k: v for k, v in self.model_dump(mode="json").items() if k != "stages"}
+        base = self._stage_base or {k: v for k, v in self.model_dump(mode="json").items() if k != "stages"}
         out = []
         for stage in self.stages or []:
             recipe = Recipe.model_validate(merge_stage(base, stage))
-            for attr in ("_source_dir", "_source_path"):
-                if hasattr(self, attr):
-                    setattr(recipe, attr, getattr(self, attr))
+            recipe._source_dir, recipe._source_path = self._source_dir, self._source_path
             out.append(recipe)
         return out
 
     @property
     def uses_lora(self) -> bool:
         return self.adapter.type in ("lora", "qlora")
-
-
-def check_rl_recipe(recipe: Recipe) -> None:
-    """What an RL method needs from the rest of the recipe (raised on the key to fix); kl_coef resolved per method."""
-    rl, method = recipe.rl, recipe.method
-    if rl.kl_coef is None and method in DEFAULT_KL:
-        rl.kl_coef = DEFAULT_KL[method]
-    if method == "ppo" and not rl.reward_model:
-        raise KeyedValueError("rl.reward_model", "method ppo optimises a trained reward model: train one with method: "
-                                                 "reward, then set rl.reward_model to its run directory")
-    if method in ("grpo", "rloo", "online_dpo") and not rl.rewards and not rl.reward_model:
-        raise KeyedValueError("rl.rewards", f"method {method} needs at least one reward: e.g. rl.rewards: [{{name: "
-                                            f"exact_answer}}], or rl.reward_model (a reward run directory)")
-    if method == "gkd" and not rl.teacher:
-        raise KeyedValueError("rl.teacher", "method gkd distils a teacher model into this one: set rl.teacher (a model "
-                                            "name, folder or run directory sharing this model's tokenizer)")
-    if method in ("grpo", "rloo"):
-        batch = recipe.train.batch_size * recipe.train.grad_accum
-        if batch % rl.num_generations:
-            raise KeyedValueError("rl.num_generations", f"{method} samples num_generations completions per prompt, so "
-                                                        f"train.batch_size x train.grad_accum ({batch}) must be a "
-                                                        f"multiple of it (got {rl.num_generations})")
-    if method == "ppo":
-        batch = recipe.train.batch_size * recipe.train.grad_accum
-        if batch % rl.num_mini_batches:
-            raise KeyedValueError("rl.num_mini_batches", f"ppo splits each batch of rollouts (train.batch_size x "
-                                                         f"grad_accum = {batch}) into num_mini_batches; it must divide "
-                                                         f"it (got {rl.num_mini_batches})")
-        if rl.use_vllm:
-            raise KeyedValueError("rl.use_vllm", "ppo samples its rollouts with transformers generate (tuneforge's PPO "
-                                                 "loop has no vLLM path); set rl.use_vllm: false, or use grpo / rloo / "
-                                                 "online_dpo, which generate with vLLM")
-    if recipe.train.packing:
-        raise KeyedValueError("train.packing", f"method {method} scores whole sequences (pairs or rollouts); packing "
-                                               f"does not apply: set train.packing: false")
 
 
 def merge_stage(base: dict, stage: dict) -> dict:
@@ -680,8 +665,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             raise RecipeError(["the recipe must be a YAML mapping of keys (name:, model:, data:, ...)"], source=str(path))
         data = apply_overrides(data, overrides)
     recipe = parse_recipe(data, source=str(path), text=text, overrides=overrides)
-    recipe._source_dir = path.resolve().parent  # type: ignore[attr-defined]
-    recipe._source_path = str(path)  # type: ignore[attr-defined]  # for file:line in doctor findings
+    recipe._source_dir = path.resolve().parent
+    recipe._source_path = str(path)
     return recipe
 
 
@@ -693,7 +678,7 @@ def resolve_path(recipe: Recipe, value: str | None) -> str | None:
     p = Path(value)
     if p.is_absolute() or p.exists():
         return str(p)
-    base = getattr(recipe, "_source_dir", None)
+    base = recipe.source_dir
     if base is not None:
         for candidate in (base / p, base.parent / p):
             if candidate.exists():

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.errors import RunDirError
@@ -106,13 +107,13 @@ class RunDir:
     @property
     def is_main(self) -> bool:
         """True in a single process, and on rank 0 of a launched run: the one process that writes."""
-        from tuneforge.distributed import is_main_process
+        from tuneforge.ranks import is_main_process
 
         return is_main_process()
 
     # -- creation ------------------------------------------------------------------------------------------------
     def create(self, *, overwrite: bool, console=None) -> RunDir:
-        from tuneforge.distributed import ENV_PREPARED_RUN
+        from tuneforge.ranks import ENV_PREPARED_RUN
 
         if not self.is_main:
             return self._wait_for_main()
@@ -185,6 +186,23 @@ class RunDir:
     def weights_dir(self) -> Path:
         """adapter/ for LoRA/QLoRA runs, model/ for full fine-tuning."""
         return self.path / "adapter" if (self.path / "adapter").exists() else self.path / "model"
+
+
+@dataclass
+class RunContext:
+    """What one run knows besides its recipe, passed explicitly through its life (train.py) and to the method's
+    trainer builder: nothing is hung on the recipe object."""
+
+    recipe: object  # the Recipe as it runs (speed levers resolved for this device)
+    spec: object  # the method's declaration (methods.Method)
+    tokenizer: object
+    data: object  # what the method's data kind prepared (data/)
+    device: str
+    console: object
+    run: RunDir | None = None  # set once the run directory exists
+    metric_specs: list = field(default_factory=list)  # eval.metrics, resolved
+    lm_eval: object = None  # eval.lm_eval_tasks' task manager, checked before the run directory exists
+    rewards: list | None = None  # rl.rewards, built and probed before the run directory exists
 
 
 def open_run(path: str | Path) -> RunDir:

@@ -1,13 +1,19 @@
-"""`tuneforge train`: recipe -> run directory. The life of a run, in order:
+"""`tuneforge train`: recipe -> run directory. The one life of every run, whatever the method:
 
-1. check   everything that can fail without a model (recipe, data files, formats, masks) fails here, before
-           the run directory exists, so a bad input never leaves a run behind;
-2. set up  tokenizer, data, model (+ quantization), EOS aligned with the chat template, adapter;
-3. score   the base model on the held-out set (generation metrics) and its held-out loss: the baseline,
-           and a dry run of evaluation before the first training step (fail in seconds, not after an hour);
-4. train   the method's TRL trainer, with progress and metrics.jsonl;
+1. check   everything that can fail without a model -- the recipe and the keys its method refuses, data files,
+           formats and masks, metrics, trackers, lm-eval tasks, rewards (each called once on a training example),
+           the speed levers for this device, doctor -- fails here, before the run directory exists, so a bad input
+           never leaves a run behind;
+2. set up  tokenizer, data (the method's data kind), model (+ quantization; a reward model's one-output head),
+           EOS aligned with the chat template, a start adapter (model.adapter), the new adapter, speed levers;
+3. score   the model before training, as the method's declaration says (scores.py): generation metrics with the
+           prompt-only baseline, preference accuracy, pairwise accuracy or held-out rewards; the general-ability
+           probe; the held-out loss -- also a dry run of evaluation before any GPU hour is spent;
+4. train   the method's trainer (methods/<name>.py builds it), under the same guards for all: progress and
+           metrics.jsonl, trackers, non-finite steps skipped and counted, Ctrl-C, atomic checkpoints, out-of-memory
+           advice and retry, early stopping;
 5. save    adapter/ or model/ with tokenizer, chat template and generation config (self-contained);
-6. score   the tuned model the same way, and print base vs tuned.
+6. score   the tuned model the same way; summary.json, report.html and the terminal summary.
 """
 
 from __future__ import annotations
@@ -16,191 +22,234 @@ import json
 import time
 from pathlib import Path
 
+from tuneforge.errors import RecipeError, RunDirError
 from tuneforge.recipe import Recipe, recipe_to_yaml
-from tuneforge.run import RunDir, environment, start_run, target_run
+from tuneforge.run import RunContext, RunDir, environment, start_run, target_run
+
+# Sections a method reads only when its declaration says so (Method.reads): a recipe that sets keys there for a
+# method that ignores them is refused, naming the key.
+METHOD_SECTIONS = ("preference", "rl")
 
 
 def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False, console=None,
-          resume: bool = False, doctor: bool = True) -> RunDir:
-    """Train into a new run directory, or (resume=True) continue the run at `output` from its last checkpoint."""
+          resume: bool = False, doctor: bool = True, stage: bool = False) -> RunDir:
+    """Train into a new run directory, or (resume=True) continue the run at `output` from its last checkpoint.
+    `stage`: this recipe is one stage of a multi-stage run (its sections are shared with the other stages)."""
     from rich.console import Console
+
+    from tuneforge.methods import method_spec
 
     console = console or Console()
     if recipe.stages:  # multi-stage: each stage is a run of its own under this run directory
-        from tuneforge.methods.stages import train_stages
+        from tuneforge.stages import train_stages
 
         return train_stages(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
-    from tuneforge.recipe import RL_METHODS
-    from tuneforge.speed import resolve_for_run as speed_resolve_for_run
-
-    if recipe.method in RL_METHODS:  # reward models and RL: their own data, scores and models (train_rl.py)
-        speed_resolve_for_run(recipe, console)  # speed levers and checkpointing for this device (saved with the recipe)
-        from tuneforge.train_rl import train_rl
-
-        return train_rl(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
+    spec = method_spec(recipe.method)
+    if resume and not spec.resumable:
+        raise RunDirError(f"method {spec.name} cannot resume (its loop writes no resumable checkpoints)",
+                          fix="start it again with --overwrite, with fewer train.max_steps if time is short")
+    if not resume and not stage:
+        refuse_unread_sections(recipe, spec)
     path, checkpoint = target_run(recipe, output, overwrite=overwrite, resume=resume, console=console)
+    check_start_adapter(recipe, spec)
 
-    from tuneforge.data.pipeline import prepare_data
+    from tuneforge.evaluate.lm_eval_tasks import check_tasks
+    from tuneforge.evaluate.metrics import resolve_metrics
+    from tuneforge.methods.common import check_trackers
     from tuneforge.models import load_tokenizer, pick_device, quiet_transformers
 
     quiet_transformers()
     device = pick_device()
     tokenizer = load_tokenizer(recipe.model.name, chat_template=recipe.model.chat_template,
                                trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
-    from tuneforge.evaluate.metrics import resolve_metrics
-
-    metric_specs = resolve_metrics(recipe.eval.metrics, base_dir=getattr(recipe, "_source_dir", None))
-    from tuneforge.methods.common import check_trackers
-
+    metric_specs = resolve_metrics(recipe.eval.metrics, base_dir=recipe.source_dir)
     check_trackers(recipe)
-    from tuneforge.evaluate.lm_eval_tasks import check_tasks
+    lm_eval = check_tasks(recipe)  # eval.lm_eval_tasks: installed and known, before the run directory exists
+    data = prepare_method_data(recipe, tokenizer, spec)
+    from tuneforge.data.preview import print_data_summary
 
-    lm_eval_manager = check_tasks(recipe)  # eval.lm_eval_tasks: installed and known, before the run directory exists
-    recipe._lm_eval_manager = lm_eval_manager  # type: ignore[attr-defined]
-    data = prepare_data(recipe, tokenizer)
     print_data_summary(console, data.stats)
-    speed_resolve_for_run(recipe, console, [len(e.input_ids) for e in data.train if hasattr(e, "input_ids")] or None)
+    rewards = build_run_rewards(recipe, spec, data, device, console)
+    from tuneforge.speed import resolve_for_run
+
+    lengths = [len(e.input_ids) for e in data.train if hasattr(e, "input_ids")] if spec.data != "prompts" else []
+    resolve_for_run(recipe, console, lengths or None)  # speed levers and checkpointing for this device
     if doctor and not resume:  # preflight checks: errors stop here, before a run directory exists
         run_doctor(recipe, tokenizer, data, console)
-    absolute_data_paths(recipe)
+    absolute_paths(recipe)
+    ctx = RunContext(recipe=recipe, spec=spec, tokenizer=tokenizer, data=data, device=device, console=console,
+                     metric_specs=metric_specs, lm_eval=lm_eval, rewards=rewards)
+    from tuneforge.scores import scorer_for
+
+    scorer_for(ctx).check()
 
     run = start_run(path, checkpoint=checkpoint if resume else None, overwrite=overwrite, console=console)
+    ctx.run = run
     try:
         from tuneforge.guards import train_with_oom_retry  # train.oom_retry: smaller micro-batch, same effective batch
 
-        return train_with_oom_retry(lambda r, c: _train_in(run, r, tokenizer, data, device, console, metric_specs,
-                                                           checkpoint=c), recipe, run, checkpoint, console)
+        def attempt(r, c):
+            ctx.recipe = r
+            return _train_in(ctx, checkpoint=c)
+
+        return train_with_oom_retry(attempt, recipe, run, checkpoint, console)
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 1. check
+
+
+def refuse_unread_sections(recipe: Recipe, spec) -> None:
+    """Keys set in a section the method does not read (e.g. preference.beta for sft, rl.* for dpo) would be silently
+    ignored: refuse them, naming the first."""
+    for section in METHOD_SECTIONS:
+        if section in spec.reads:
+            continue
+        value, default = getattr(recipe, section), type(getattr(recipe, section))()
+        changed = [key for key in type(value).model_fields if getattr(value, key) != getattr(default, key)]
+        if changed:
+            raise RecipeError([f"`{section}.{changed[0]}`: method {spec.name} does not read the {section}: section "
+                               f"(it is for {section_users(section)}); remove it, or choose one of those methods"],
+                              source=recipe.source_path)
+
+
+def section_users(section: str) -> str:
+    from tuneforge.methods import method_names, method_spec
+
+    return ", ".join(name for name in method_names() if section in method_spec(name).reads)
+
+
+def check_start_adapter(recipe: Recipe, spec) -> None:
+    """model.adapter of a policy method must be a policy (e.g. the SFT stage), not a reward model's head: in
+    stages [sft, reward, ppo] the ppo stage would otherwise start from the reward stage."""
+    if not recipe.model.adapter or spec.family == "reward":
+        return
+    folder = Path(recipe.model.adapter)
+    if (folder / "recipe.yaml").is_file():
+        import yaml
+
+        try:
+            method = (yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("method")
+        except (OSError, yaml.YAMLError):
+            method = None
+        if method == "reward":
+            raise RecipeError([f"`model.adapter`: {folder} is a reward model (method: reward), not a policy to start "
+                               f"{recipe.method} from; set model.adapter to the SFT run (e.g. the sft stage's folder) "
+                               f"and give the reward run as rl.reward_model"])
+
+
+def prepare_method_data(recipe: Recipe, tokenizer, spec):
+    """The data the method's kind needs: pairs, prompts, or conversations / text (data/)."""
+    from tuneforge.recipe import resolve_path
+
+    resolve = lambda value: resolve_path(recipe, value)  # noqa: E731
+    if spec.data == "pairs":
+        from tuneforge.data.preference import prepare_preference_data
+
+        return prepare_preference_data(recipe, tokenizer, resolve)
+    if spec.data == "prompts":
+        from tuneforge.data.prompts import prepare_prompt_data
+
+        return prepare_prompt_data(recipe, tokenizer, resolve)
+    from tuneforge.data.pipeline import prepare_data
+
+    return prepare_data(recipe, tokenizer)
+
+
+def build_run_rewards(recipe: Recipe, spec, data, device: str, console):
+    """rl.rewards (and rl.reward_model) built and each called once on a training example now, so a missing custom
+    file, a wrong signature or a missing data column fails before the run directory exists. None for methods that
+    score no rewards."""
+    if spec.hooks.get("scores") != "rewards" or (spec.name == "ppo" and not recipe.rl.rewards):
+        return None
+    from tuneforge.rewards import build_rewards, probe_rewards
+
+    rewards = build_rewards(recipe.rl.rewards, base_dir=recipe.source_dir, device=device,
+                            reward_model_path=recipe.rl.reward_model)
+    example = data.train[0]
+    probe_rewards(rewards, {"prompt": example["prompt"], **example["columns"]})
+    console.print("[bold]rewards[/] " + ", ".join(f"{r.name} x{r.weight:g}" for r in rewards))
+    return rewards
+
+
 def run_doctor(recipe: Recipe, tokenizer, data, console) -> None:
-    """The preflight checks (guide/doctor.py): warnings shown, errors raised before a run directory exists."""
+    """The preflight checks (guide/doctor): warnings shown, errors raised before a run directory exists."""
     from tuneforge.guide.doctor import doctor_recipe, raise_for_errors, render_findings
 
-    findings = doctor_recipe(recipe, tokenizer=tokenizer, data=data)
+    findings = doctor_recipe(recipe, tokenizer=tokenizer, data=data if hasattr(data, "train_examples") else None)
     shown = [f for f in findings if f.severity != "info"]
     if shown:
         render_findings(console, shown, title="doctor")
     raise_for_errors(findings)
 
 
-def absolute_data_paths(recipe: Recipe) -> None:
-    """The saved recipe names the data files by absolute path, so eval/resume work from any directory."""
+def absolute_paths(recipe: Recipe) -> None:
+    """The saved recipe names data files and the reward model by absolute path, so eval/resume work from anywhere."""
     from tuneforge.recipe import resolve_path
 
-    for key in ("train", "eval"):
-        value = getattr(recipe.data, key)
+    for section, key in (("data", "train"), ("data", "eval"), ("rl", "reward_model")):
+        value = getattr(getattr(recipe, section), key)
         resolved = resolve_path(recipe, value)
         if value and resolved and Path(resolved).exists():
-            setattr(recipe.data, key, str(Path(resolved).resolve()))
+            setattr(getattr(recipe, section), key, str(Path(resolved).resolve()))
 
 
-def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console, metric_specs,
-              checkpoint=None) -> RunDir:
+# ---------------------------------------------------------------------------------------------------------------
+# 2-6. set up, score, train, save, score
+
+
+def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
     import torch
     from transformers import PrinterCallback, set_seed
 
-    from tuneforge.adapters import apply_adapter, describe_trainable, trainable_parameters
-    from tuneforge.data.pipeline import to_dataset
-    from tuneforge.data.template import align_eos
-    from tuneforge.evaluate.baselines import baseline_table
-    from tuneforge.guards import InterruptGuard, NumericalGuard
-    from tuneforge.methods import get_method
-    from tuneforge.models import load_base_model
-    from tuneforge.progress import ProgressCallback
+    from tuneforge.adapters import describe_trainable, trainable_parameters
+    from tuneforge.scores import forgetting_summary, probe_after_training, probe_before_training, scorer_for
 
-    if checkpoint is None:
+    run, recipe, spec, console, tokenizer = ctx.run, ctx.recipe, ctx.spec, ctx.console, ctx.tokenizer
+    resumed = checkpoint is not None
+    if not resumed:
         run.file("recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
         run.write_json("environment.json", environment())
-        run.write_json("data_stats.json", data.stats.__dict__)
+        run.write_json("data_stats.json", ctx.data.stats.__dict__)
     else:  # drop metric rows logged after the checkpoint: they are logged again
         step = int(checkpoint.name.split("-")[-1])
         kept = [row for row in run.metrics() if row.get("step", 0) <= step]
         run.file("metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
     set_seed(recipe.train.seed)
 
-    console.print(f"[bold]model[/] {recipe.model.name} on {device}")
-    model = load_base_model(recipe.model, quant=recipe.quant if recipe.adapter.type == "qlora" else None, device=device,
-                            attention=recipe.speed.attention)
-    eos_ids = align_eos(tokenizer, model)
-    console.print(f"generation stops at token ids {eos_ids} ({tokenizer.convert_ids_to_tokens(eos_ids)})")
-    from tuneforge.data.preference import PREFERENCE_METHODS
-    from tuneforge.methods.common import load_start_adapter
+    console.print(f"[bold]model[/] {recipe.model.name} on {ctx.device}")
+    model, adapter_loaded = load_model(ctx)
+    if hasattr(ctx.data, "train_examples") and spec.family != "reward":
+        from tuneforge.evaluate.contamination import contamination_report, describe
 
-    model, adapter_loaded = load_start_adapter(model, recipe, console)  # model.adapter: e.g. the SFT stage's adapter
-    preference = recipe.method in PREFERENCE_METHODS  # data.eval_examples: prompt + chosen answer, for eval.metrics
+        contamination = contamination_report(ctx.data.train_examples, ctx.data.eval_examples)
+        run.write_json("eval/contamination.json", contamination)
+        console.print(describe(contamination))
 
-    from tuneforge.evaluate.contamination import contamination_report, describe
-
-    contamination = contamination_report(data.train_examples, data.eval_examples)
-    run.write_json("eval/contamination.json", contamination)
-    console.print(describe(contamination))
-
-    # Before training: the base model zero-shot and with a few-shot prompt (the prompt-only baseline), and the
-    # general-ability probe. Also a dry run of generation before any GPU hour is spent on training.
-    scored = recipe.method in ("sft",) + tuple(PREFERENCE_METHODS) and bool(data.eval_examples)
-    baseline = run.read_json("eval/baseline.json") if checkpoint is not None else None
-    if baseline is None and recipe.eval.baseline and scored:
-        baseline = score_model(model, tokenizer, data.eval_examples, recipe, metric_specs, console, label="base model")
-        run.write_json("eval/baseline.json", baseline)
-    few_shot = run.read_json("eval/few_shot.json") if checkpoint is not None else None
-    if few_shot is None and recipe.eval.baseline and scored and recipe.eval.few_shot and not preference:
-        from tuneforge.evaluate.baselines import few_shot_examples
-
-        shots = few_shot_examples(data.eval_examples, data.train_examples, k=recipe.eval.few_shot, seed=recipe.train.seed,
-                                  as_text=not tokenizer.chat_template)
-        few_shot = score_model(model, tokenizer, shots, recipe, metric_specs, console,
-                               label=f"base model, {recipe.eval.few_shot}-shot prompt")
-        run.write_json("eval/few_shot.json", few_shot)
-    probe_before = probe_before_training(run, recipe, model, tokenizer, console, resumed=checkpoint is not None)
-
-    if not adapter_loaded:
-        model = apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    # Before training: the method's scores of the base model, and the general-ability probe.
+    scorer = scorer_for(ctx)
+    scorer.before(model, resumed=resumed)
+    probe_before = probe_before_training(ctx, model, resumed=resumed) if spec.family != "reward" else None
+    model = apply_training_adapter(ctx, model, adapter_loaded)
     console.print(describe_trainable(model))
     trainable_params, total_params = trainable_parameters(model)
-    from tuneforge.speed import prepare_model
+    from tuneforge.speed import prepare_model, prepare_trainer
 
     prepare_model(model, recipe)
+    train_dataset, eval_dataset = method_datasets(ctx)
+    scorer.start(model)
 
-    build = get_method(recipe.method)
-    eval_dataset = to_dataset(data.eval) if data.eval else None
-    train_dataset = to_dataset(data.train)
-    preference_start = None
-    if preference:
-        from tuneforge.methods.preference import answer_logps, preference_accuracy, preference_datasets
-
-        train_dataset, eval_dataset = preference_datasets(recipe, data)
-        held_out = data.accuracy_pairs[: recipe.preference.eval_pairs or None]
-        preference_start = answer_logps(model, tokenizer, held_out)  # the model at the start = the reference
-        accuracy = preference_accuracy(preference_start, preference_start, recipe.preference.beta)
-        console.print(f"[bold]preference accuracy[/] (start) on {accuracy['n']} held-out pairs: "
-                      f"{accuracy['reference_free']:.1f}% (mean log-prob of chosen > rejected)")
-    numerical, interrupt = NumericalGuard(max_skips=recipe.train.skip_nonfinite_batches, run=run), InterruptGuard()
-    callbacks = [ProgressCallback(run, console), numerical, interrupt]
-    plateau = None
-    if recipe.train.early_stopping is not None:
-        from tuneforge.evaluate.early_stopping import PlateauStopping
-
-        rule = recipe.train.early_stopping
-        plateau = PlateauStopping(patience=rule.patience, min_delta=rule.min_delta, metric=rule.metric)
-        callbacks.append(plateau)
-    trainer = build(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks)
-    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
-    from tuneforge.speed import prepare_trainer
-
+    trainer, numerical, interrupt, plateau = build_guarded_trainer(ctx, model, train_dataset, eval_dataset)
     prepare_trainer(trainer, recipe)
-    from tuneforge.checkpoints import install_checkpointing
-    from tuneforge.guards import install_step_guards
-
-    install_checkpointing(trainer, recipe, run, console)  # atomic saves; save_total_limit keeps the best; disk full
-    install_step_guards(trainer, recipe, console)  # out of memory -> the step and the memory plan's advice
-    if checkpoint is None:
+    measures_loss = spec.family in ("supervised", "preference", "distillation") and eval_dataset is not None
+    if not resumed:
         # Under FSDP2 accelerate must wrap the model together with the optimizer, which evaluate() before train()
         # would prevent; the base loss is then not measured (the tuned loss and the base generations still are).
         fsdp = getattr(trainer, "is_fsdp_enabled", False)
-        base_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None and not fsdp else None
+        base_loss = trainer.evaluate()["eval_loss"] if measures_loss and not fsdp else None
         run.set_status("running", base_eval_loss=base_loss)
     else:
         base_loss = (run.read_json("status.json", {}) or {}).get("base_eval_loss")
@@ -216,82 +265,139 @@ def _train_in(run: RunDir, recipe: Recipe, tokenizer, data, device: str, console
                       f"Continue with: tuneforge train --resume {run.path}")
         return run
 
-    preference_result = None
-    if preference:
-        from tuneforge.methods.preference import drop_reference_adapter
-
-        drop_reference_adapter(trainer.model)
-        after = preference_accuracy(answer_logps(trainer.model, tokenizer, held_out), preference_start,
-                                    recipe.preference.beta)
-        preference_result = {"before": preference_accuracy(preference_start, preference_start, recipe.preference.beta),
-                             "after": after}
-        run.write_json("eval/preference.json", preference_result)
-        console.print(f"[bold]preference accuracy[/] (tuned) on {after['n']} held-out pairs: {after['reference_free']:.1f}% "
-                      f"reference-free, {after['implicit_reward']:.1f}% implicit reward vs the start model")
-    weights = run.file("adapter" if recipe.uses_lora else "model")
-    trainer.save_model(str(weights))
-    if run.is_main:  # under several processes only rank 0 writes (trainer.save_model already does so)
-        tokenizer.save_pretrained(str(weights))
-        model.generation_config.save_pretrained(str(weights))
-    tuned_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
-
+    scorer.trained(trainer)
+    policy = save_weights(ctx, trainer, model)
+    tuned_loss = trainer.evaluate()["eval_loss"] if measures_loss else None
     if tuned_loss is not None:
         run.append_metrics({"step": trainer.state.global_step, "eval_loss": tuned_loss, "final": True})
     if plateau is not None:
         run.write_json("eval/early_stopping.json", plateau.summary(run.file("checkpoints")))
 
-    tuned = None
-    if scored:
-        tuned = score_model(trainer.model, tokenizer, data.eval_examples, recipe, metric_specs, console, label="tuned model")
-        run.write_json("eval/tuned.json", tuned)
-    forgetting = probe_after_training(run, recipe, trainer.model, tokenizer, probe_before)
-
+    scores = scorer.after(policy, trainer)
+    forgetting = probe_after_training(ctx, policy, probe_before)
     summary = {
         "train_seconds": round(train_seconds, 1),
         "steps": trainer.state.global_step,
         "trainable_params": trainable_params,
         "total_params": total_params,
         "eval_loss": {"base": base_loss, "tuned": tuned_loss},
-        "metrics": baseline_table({"base": baseline, "few_shot": few_shot, "tuned": tuned}),
         "forgetting": forgetting_summary(forgetting),
-        "n_eval": tuned["n"] if tuned else 0,
-        "preference": preference_result,
         "skipped_nonfinite_steps": numerical.skipped,
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if ctx.device == "cuda" else None,
+        **scores,
     }
-    return finish_run(run, summary, console)
+    return finish_run(run, summary, console, table=scorer.table)
 
 
-def probe_before_training(run: RunDir, recipe: Recipe, model, tokenizer, console, *, resumed: bool) -> dict | None:
-    """The general-ability probe (+ eval.lm_eval_tasks) on the model before training; a resumed run keeps its own."""
-    if not recipe.eval.forgetting:
-        return None
-    probe = (run.read_json("eval/forgetting.json", {}) or {}).get("before") if resumed else None
-    if probe is None:
-        from tuneforge.evaluate.forgetting import run_probe
+def load_model(ctx: RunContext):
+    """(model, adapter_loaded): the base model (a reward model's one-output head for reward), EOS aligned with the
+    chat template, and model.adapter loaded (continued, or merged so a fresh adapter goes on top)."""
+    recipe, console = ctx.recipe, ctx.console
+    if ctx.spec.family == "reward":
+        from tuneforge.methods.reward import load_reward_base
 
-        probe = run_probe(model, tokenizer)
-        add_lm_eval_scores(probe, model, tokenizer, recipe)
-        run.write_json("eval/forgetting.json", {"before": probe})
-    console.print(f"[bold]general probe[/] (base): {probe['accuracy']:.1f}% of {probe['n']} items")
-    return probe
+        model = load_reward_base(recipe, ctx.device, console)
+        model.config.pad_token_id = ctx.tokenizer.pad_token_id
+        return model, False
+    from tuneforge.data.template import align_eos
+    from tuneforge.methods.common import load_start_adapter
+    from tuneforge.models import load_base_model
 
-
-def probe_after_training(run: RunDir, recipe: Recipe, model, tokenizer, before: dict | None) -> dict | None:
-    """The same probe on the tuned model, compared with `before` (flagged past eval.forgetting_threshold)."""
-    if before is None:
-        return None
-    from tuneforge.evaluate.forgetting import compare, run_probe
-
-    after = run_probe(model, tokenizer)
-    add_lm_eval_scores(after, model, tokenizer, recipe)
-    comparison = compare(before, after, threshold=recipe.eval.forgetting_threshold)
-    run.write_json("eval/forgetting.json", {"before": before, "after": after, "comparison": comparison})
-    return comparison
+    model = load_base_model(recipe.model, quant=recipe.quant if recipe.adapter.type == "qlora" else None,
+                            device=ctx.device, attention=recipe.speed.attention)
+    eos_ids = align_eos(ctx.tokenizer, model)
+    console.print(f"generation stops at token ids {eos_ids} ({ctx.tokenizer.convert_ids_to_tokens(eos_ids)})")
+    return load_start_adapter(model, recipe, console)  # model.adapter: e.g. the SFT stage's adapter
 
 
-def forgetting_summary(comparison: dict | None) -> dict | None:
-    return comparison and {"flagged": comparison["flagged"], "message": comparison["message"], **comparison["scores"]}
+def apply_training_adapter(ctx: RunContext, model, adapter_loaded: bool):
+    recipe = ctx.recipe
+    if ctx.spec.family == "reward":
+        from tuneforge.methods.reward import apply_reward_adapter
+
+        return apply_reward_adapter(model, recipe, recipe.train.gradient_checkpointing)
+    if adapter_loaded:
+        return model
+    from tuneforge.adapters import apply_adapter
+
+    return apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
+
+
+def method_datasets(ctx: RunContext):
+    """(train, eval) datasets in the form the method's trainer takes."""
+    recipe, data, method = ctx.recipe, ctx.data, ctx.recipe.method
+    if ctx.spec.family == "preference":
+        from tuneforge.methods.preference import preference_datasets
+
+        return preference_datasets(recipe, data)
+    if ctx.spec.family == "reward":
+        from tuneforge.methods.reward import reward_pair_dataset
+
+        return reward_pair_dataset(data.train_pairs), (reward_pair_dataset(data.eval_pairs) if data.eval_pairs else None)
+    if ctx.spec.family == "distillation":
+        from tuneforge.methods.gkd import conversation_dataset
+
+        return conversation_dataset(data.train_examples), (conversation_dataset(data.eval_examples)
+                                                           if data.eval_examples else None)
+    if method == "ppo":
+        from tuneforge.data.prompts import prompt_id_dataset
+
+        limit = recipe.rl.max_prompt_length or max(8, recipe.train.max_length - recipe.rl.max_new_tokens)
+        return prompt_id_dataset(data.train, ctx.tokenizer, limit), (prompt_id_dataset(data.eval, ctx.tokenizer, limit)
+                                                                     if data.eval else None)
+    if ctx.spec.data == "prompts":
+        from tuneforge.data.prompts import prompt_dataset
+
+        return prompt_dataset(data.train, ctx.tokenizer, data.columns), None
+    from tuneforge.data.pipeline import to_dataset
+
+    return to_dataset(data.train), (to_dataset(data.eval) if data.eval else None)
+
+
+def build_guarded_trainer(ctx: RunContext, model, train_dataset, eval_dataset):
+    """The method's trainer with the guards every run has: progress + metrics.jsonl, non-finite steps skipped
+    (train.skip_nonfinite_batches), Ctrl-C, early stopping, atomic checkpoints, out-of-memory advice."""
+    from transformers import PrinterCallback
+
+    from tuneforge.checkpoints import install_checkpointing
+    from tuneforge.guards import InterruptGuard, NumericalGuard, install_step_guards
+    from tuneforge.progress import ProgressCallback
+
+    recipe, run = ctx.recipe, ctx.run
+    numerical = NumericalGuard(max_skips=recipe.train.skip_nonfinite_batches, run=run)
+    interrupt = InterruptGuard()
+    callbacks = [ProgressCallback(run, ctx.console), numerical, interrupt]
+    plateau = None
+    if recipe.train.early_stopping is not None:
+        from tuneforge.evaluate.early_stopping import PlateauStopping
+
+        rule = recipe.train.early_stopping
+        plateau = PlateauStopping(patience=rule.patience, min_delta=rule.min_delta, metric=rule.metric)
+        callbacks.append(plateau)
+    trainer = ctx.spec.build_trainer(ctx, model, train_dataset, eval_dataset, callbacks)
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
+    install_checkpointing(trainer, recipe, run, ctx.console)  # atomic saves; save_total_limit keeps the best; disk full
+    install_step_guards(trainer, recipe, ctx.console)  # out of memory -> the step and the memory plan's advice
+    return trainer, numerical, interrupt, plateau
+
+
+def save_weights(ctx: RunContext, trainer, model):
+    """adapter/ or model/ with tokenizer and generation config; returns the policy to score (PPO's policy inside its
+    policy+value wrapper)."""
+    run, tokenizer = ctx.run, ctx.tokenizer
+    policy = getattr(trainer, "policy_for_eval", None) or trainer.model
+    if hasattr(policy, "policy"):  # PPO's policy+value wrapper
+        policy = policy.policy
+    weights = run.file("adapter" if ctx.recipe.uses_lora else "model")
+    trainer.save_model(str(weights))
+    if run.is_main:  # under several processes only rank 0 writes (trainer.save_model already does so)
+        if ctx.spec.family in ("rl", "reward", "distillation"):
+            tokenizer.padding_side = "right"
+        tokenizer.save_pretrained(str(weights))
+        if ctx.spec.family != "reward":
+            (model if ctx.spec.family in ("supervised", "preference") else policy).generation_config.save_pretrained(
+                str(weights))
+    return policy if ctx.spec.family in ("rl", "distillation") else trainer.model
 
 
 def finish_run(run: RunDir, summary: dict, console, *, table: bool = True) -> RunDir:
@@ -309,39 +415,6 @@ def finish_run(run: RunDir, summary: dict, console, *, table: bool = True) -> Ru
         console.print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s; run directory: {run.path}")
     console.print(f"report: {report}")
     return run
-
-
-def add_lm_eval_scores(probe: dict, model, tokenizer, recipe) -> None:
-    """eval.lm_eval_tasks: their scores join the probe result, so compare() treats them as probe rows."""
-    if recipe.eval.lm_eval_tasks:
-        from tuneforge.evaluate.lm_eval_tasks import run_tasks
-
-        probe["lm_eval"] = run_tasks(model, tokenizer, recipe, getattr(recipe, "_lm_eval_manager", None),
-                                     batch_size=recipe.train.batch_size)
-
-
-def score_model(model, tokenizer, examples, recipe, metric_specs, console, *, label: str) -> dict:
-    from rich.progress import Progress
-
-    from tuneforge.evaluate.scoring import evaluate_generation
-
-    with Progress(console=console, transient=True) as progress:
-        result = evaluate_generation(model, tokenizer, examples, metrics=metric_specs,
-                                     max_examples=recipe.eval.max_examples, max_new_tokens=recipe.eval.max_new_tokens,
-                                     batch_size=recipe.eval.batch_size, progress=progress, label=label)
-    shown = ", ".join(f"{k} {v:.1f}" for k, v in result["metrics"].items())
-    console.print(f"[bold]{label}[/] on {result['n']} held-out examples: {shown}")
-    return result
-
-
-def print_data_summary(console, stats) -> None:
-    split = " (split off the training file by hash)" if stats.eval_split_from_train else ""
-    console.print(
-        f"[bold]data[/] format {stats.format}: {stats.train_examples} train / {stats.eval_examples} eval examples{split}; "
-        f"{stats.train_tokens:,} tokens, {stats.loss_tokens:,} carry loss; {stats.duplicates_removed} duplicates removed; "
-        f"{stats.truncated} truncated at max_length {stats.max_length} ({stats.truncated_pct:.1f}%)"
-        + (f"; {stats.dropped_no_loss} dropped (no answer token left)" if stats.dropped_no_loss else "")
-    )
 
 
 def print_summary(console, run: RunDir, summary: dict) -> None:

@@ -2,9 +2,15 @@
 
 Formats: messages (role/content), sharegpt (conversations with from/value), alpaca (instruction/input/output),
 prompt_completion (strings, or message lists as TRL allows; loss on the completion only), text (plain documents).
+Each is one entry of a table (FORMATS): its name, the keys that identify it, and its reader; detection and
+conversion go by the table, so a new format is one entry. preference.py keeps the table of preference formats
+(preference, kto) built the same way.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 from tuneforge.data.readers import Record
 from tuneforge.errors import DataError
@@ -12,32 +18,10 @@ from tuneforge.errors import DataError
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "system": "system", "tool": "tool", "function_response": "tool"}
-CHAT_FORMATS = {"messages", "sharegpt", "alpaca", "prompt_completion"}
-
-# The key that identifies each format, in detection order.
-_SIGNATURES = [
-    ("messages", {"messages"}),
-    ("sharegpt", {"conversations"}),
-    ("alpaca", {"instruction", "output"}),
-    ("prompt_completion", {"prompt", "completion"}),
-    ("text", {"text"}),
-]
 
 
-def detect_format(record: Record) -> str:
-    keys = set(record.data)
-    for name, needed in _SIGNATURES:
-        if needed <= keys:
-            return name
-    raise DataError(
-        f"cannot tell the data format from the keys {sorted(keys)}",
-        where=record.where,
-        fix="use one of: messages, conversations (ShareGPT), instruction/input/output (Alpaca), prompt/completion, "
-        "text; or set data.format",
-    )
-
-
-def _text(value, where: str, field: str, *, allow_empty: bool = False) -> str:
+def check_text(value, where: str, field: str, *, allow_empty: bool = False) -> str:
+    """A string field's value, or a DataError (file:line, field) when it is missing, not a string, or empty."""
     if value is None and allow_empty:
         return ""
     if value is None:
@@ -49,7 +33,7 @@ def _text(value, where: str, field: str, *, allow_empty: bool = False) -> str:
     return value
 
 
-def _check_messages(messages, where: str, field: str, *, content_key: str = "content") -> list[dict]:
+def check_messages(messages, where: str, field: str, *, content_key: str = "content") -> list[dict]:
     """Validate role/content messages; `content_key` is the key as the user's file spells it (ShareGPT: value)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"`{field}` must be a non-empty list of messages", where=where)
@@ -64,72 +48,151 @@ def _check_messages(messages, where: str, field: str, *, content_key: str = "con
         content = message.get("content")
         name = f"{field}[{i}].{content_key}"
         if role == "assistant":
-            content = _text(content, where, name)  # an empty answer teaches nothing but silence
+            content = check_text(content, where, name)  # an empty answer teaches nothing but silence
         else:
-            content = _text(content, where, name, allow_empty=(role == "system"))
+            content = check_text(content, where, name, allow_empty=(role == "system"))
         out.append({"role": role, "content": content})
     return out
 
 
-def to_canonical(record: Record, fmt: str) -> dict:
-    data, where = record.data, record.where
-    missing = [k for k in {"messages": ["messages"], "sharegpt": ["conversations"], "alpaca": ["instruction", "output"],
-                           "prompt_completion": ["prompt", "completion"], "text": ["text"]}[fmt] if k not in data]
-    if missing:
-        raise DataError(f"missing field(s) {missing} for format {fmt}", where=where,
-                        fix="fix the example, or set data.format to the format the file really has")
-    if fmt == "messages":
-        messages = _check_messages(data["messages"], where, "messages")
-    elif fmt == "sharegpt":
-        turns = data["conversations"]
-        if not isinstance(turns, list) or not turns:
-            raise DataError("`conversations` must be a non-empty list", where=where)
-        converted = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict) or "from" not in turn:
-                raise DataError(f"`conversations[{i}]` needs `from` and `value`", where=where)
-            role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
-            if role is None:
-                raise DataError(f"`conversations[{i}].from` is {turn['from']!r}: unknown role", where=where,
-                                fix=f"use one of {sorted(SHAREGPT_ROLES)}")
-            converted.append({"role": role, "content": turn.get("value")})
-        messages = _check_messages(converted, where, "conversations", content_key="value")
-    elif fmt == "alpaca":
-        instruction = _text(data["instruction"], where, "instruction")
-        extra = _text(data.get("input"), where, "input", allow_empty=True)
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(data["output"], where, "output")}]
-    elif fmt == "prompt_completion":
-        prompt, completion = data["prompt"], data["completion"]
-        if not isinstance(prompt, list):
-            messages = [{"role": "user", "content": _text(prompt, where, "prompt")},
-                        {"role": "assistant", "content": _text(completion, where, "completion")}]
-            return {"messages": messages, "raw_prompt_completion": True, "where": where}
-        prompt = _check_messages(prompt, where, "prompt")
-        completion = _check_messages(completion, where, "completion")
-        if not any(m["role"] == "assistant" for m in completion):
-            raise DataError("the completion has no assistant turn, so there is nothing to learn", where=where,
-                            fix="the completion must hold the assistant's answer")
-        # Loss on the completion only (as in TRL): assistant turns inside the prompt are context. Counted from the
-        # end, so a system message added in front (data.system_prompt) keeps it right.
-        return {"messages": prompt + completion, "completion_turns": len(completion), "where": where}
-    else:
-        return {"text": _text(data["text"], where, "text"), "where": where}
+# ---------------------------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class Format:
+    """One record format. `keys`: what a record of it always has (auto-detection takes the first format in the table
+    whose keys a record has all of). `read`: record -> canonical example (DataError with file:line on bad data).
+    `check_keys`: the table reports missing keys before `read` runs; False when `read` checks them itself."""
+    name: str
+    keys: tuple[str, ...]
+    read: Callable[[Record], dict]
+    check_keys: bool = True
+
+
+@dataclass(frozen=True)
+class FormatTable:
+    """Formats of one kind of data, in detection order; `what` and `fix` word the error when none matches."""
+    what: str
+    fix: str
+    formats: tuple[Format, ...]
+
+    def get(self, name: str) -> Format:
+        for fmt in self.formats:
+            if fmt.name == name:
+                return fmt
+        raise KeyError(name)
+
+    def detect(self, record: Record) -> str:
+        keys = set(record.data)
+        for fmt in self.formats:
+            if set(fmt.keys) <= keys:
+                return fmt.name
+        raise DataError(f"cannot tell the {self.what} format from the keys {sorted(keys)}", where=record.where,
+                        fix=self.fix)
+
+    def read(self, record: Record, name: str) -> dict:
+        fmt = self.get(name)
+        missing = [k for k in fmt.keys if k not in record.data] if fmt.check_keys else []
+        if missing:
+            raise DataError(f"missing field(s) {missing} for format {name}", where=record.where,
+                            fix="fix the example, or set data.format to the format the file really has")
+        return fmt.read(record)
+
+    def canonicalize(self, records: list[Record], fmt: str) -> tuple[list[dict], str]:
+        """All records -> canonical examples. `fmt` may be "auto"; returns the format actually used."""
+        detected = self.detect(records[0]) if fmt == "auto" else fmt
+        examples = []
+        for record in records:
+            if fmt == "auto":
+                this = self.detect(record)
+                if this != detected:
+                    raise DataError(f"this example looks like {this} but the file started as {detected}",
+                                    where=record.where, fix="use one format per file, or set data.format")
+            examples.append(self.read(record, detected))
+        return examples, detected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers of the chat / instruction / text formats
+
+
+def _conversation(messages: list[dict], where: str) -> dict:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("the conversation has no assistant turn, so there is nothing to learn", where=where,
                         fix="add the assistant's answer, or drop the example")
     return {"messages": messages, "where": where}
 
 
+def read_messages(record: Record) -> dict:
+    return _conversation(check_messages(record.data["messages"], record.where, "messages"), record.where)
+
+
+def read_sharegpt(record: Record) -> dict:
+    turns, where = record.data["conversations"], record.where
+    if not isinstance(turns, list) or not turns:
+        raise DataError("`conversations` must be a non-empty list", where=where)
+    converted = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn:
+            raise DataError(f"`conversations[{i}]` needs `from` and `value`", where=where)
+        role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
+        if role is None:
+            raise DataError(f"`conversations[{i}].from` is {turn['from']!r}: unknown role", where=where,
+                            fix=f"use one of {sorted(SHAREGPT_ROLES)}")
+        converted.append({"role": role, "content": turn.get("value")})
+    return _conversation(check_messages(converted, where, "conversations", content_key="value"), where)
+
+
+def read_alpaca(record: Record) -> dict:
+    data, where = record.data, record.where
+    instruction = check_text(data["instruction"], where, "instruction")
+    extra = check_text(data.get("input"), where, "input", allow_empty=True)
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return _conversation([{"role": "user", "content": prompt},
+                          {"role": "assistant", "content": check_text(data["output"], where, "output")}], where)
+
+
+def read_prompt_completion(record: Record) -> dict:
+    data, where = record.data, record.where
+    prompt, completion = data["prompt"], data["completion"]
+    if not isinstance(prompt, list):
+        messages = [{"role": "user", "content": check_text(prompt, where, "prompt")},
+                    {"role": "assistant", "content": check_text(completion, where, "completion")}]
+        return {"messages": messages, "raw_prompt_completion": True, "where": where}
+    prompt = check_messages(prompt, where, "prompt")
+    completion = check_messages(completion, where, "completion")
+    if not any(m["role"] == "assistant" for m in completion):
+        raise DataError("the completion has no assistant turn, so there is nothing to learn", where=where,
+                        fix="the completion must hold the assistant's answer")
+    # Loss on the completion only (as in TRL): assistant turns inside the prompt are context. Counted from the
+    # end, so a system message added in front (data.system_prompt) keeps it right.
+    return {"messages": prompt + completion, "completion_turns": len(completion), "where": where}
+
+
+def read_text(record: Record) -> dict:
+    return {"text": check_text(record.data["text"], record.where, "text"), "where": record.where}
+
+
+FORMATS = FormatTable("data", "use one of: messages, conversations (ShareGPT), instruction/input/output (Alpaca), "
+                              "prompt/completion, text; or set data.format", (
+    Format("messages", ("messages",), read_messages),
+    Format("sharegpt", ("conversations",), read_sharegpt),
+    Format("alpaca", ("instruction", "output"), read_alpaca),
+    Format("prompt_completion", ("prompt", "completion"), read_prompt_completion),
+    Format("text", ("text",), read_text),
+))
+CHAT_FORMATS = {"messages", "sharegpt", "alpaca", "prompt_completion"}
+
+
+def detect_format(record: Record) -> str:
+    return FORMATS.detect(record)
+
+
+def to_canonical(record: Record, fmt: str) -> dict:
+    return FORMATS.read(record, fmt)
+
+
 def canonicalize(records: list[Record], fmt: str) -> tuple[list[dict], str]:
     """All records -> canonical examples. `fmt` may be "auto"; returns the format actually used."""
-    detected = detect_format(records[0]) if fmt == "auto" else fmt
-    examples = []
-    for record in records:
-        if fmt == "auto":
-            this = detect_format(record)
-            if this != detected:
-                raise DataError(f"this example looks like {this} but the file started as {detected}",
-                                where=record.where, fix="use one format per file, or set data.format")
-        examples.append(to_canonical(record, detected))
-    return examples, detected
+    return FORMATS.canonicalize(records, fmt)

@@ -1,87 +1,21 @@
 """The data pipeline: read -> canonical examples -> dedup -> split -> template + masks -> counts.
 
 `prepare_data` is the one entry point `train`, `data preview` and `doctor` share, so what is previewed is
-exactly what is trained.
+exactly what is trained. Dedup and the split (splits.py) and DataStats/PreparedData (prepared.py) are re-exported
+here for the callers that import them from this module.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
-
 from tuneforge.data.formats import canonicalize
+from tuneforge.data.prepared import DataStats, PreparedData
 from tuneforge.data.readers import read_records
+from tuneforge.data.splits import dedup, example_hash, hash_split
 from tuneforge.data.template import Tokenized, tokenize_example
 from tuneforge.errors import DataError
 
-
-def _normal(text: str) -> str:
-    """Case folded, every run of whitespace (spaces, tabs, newlines) one space, none at the ends."""
-    return " ".join(text.lower().split())
-
-
-def example_hash(example: dict) -> str:
-    """Normalised content hash (whitespace and case folded), used for dedup, splitting and contamination checks."""
-    if "text" in example:
-        content = _normal(example["text"])
-    else:
-        content = [(m["role"], _normal(m["content"])) for m in example["messages"]]
-    normal = json.dumps(content, ensure_ascii=False)
-    return hashlib.sha256(normal.encode("utf-8")).hexdigest()
-
-
-def dedup(examples: list[dict]) -> tuple[list[dict], int]:
-    seen, kept = set(), []
-    for example in examples:
-        key = example_hash(example)
-        if key not in seen:
-            seen.add(key)
-            kept.append(example)
-    return kept, len(examples) - len(kept)
-
-
-def hash_split(examples: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
-    """Deterministic split by content hash: the same example always lands on the same side, whatever the order
-    of the file or the seed (so re-running never leaks eval examples into training)."""
-    train, held = [], []
-    threshold = int(eval_fraction * 10_000)
-    bucket = lambda example: int(example_hash(example)[:8], 16) % 10_000  # noqa: E731
-    for example in examples:
-        (held if bucket(example) < threshold else train).append(example)
-    if not held and len(train) > 1:
-        # Too few examples for the fraction to catch one: hold out the lowest bucket, again by content, not order.
-        lowest = min(range(len(train)), key=lambda i: (bucket(train[i]), example_hash(train[i])))
-        held.append(train.pop(lowest))
-    return train, held
-
-
-@dataclass
-class DataStats:
-    format: str = ""
-    train_examples: int = 0
-    eval_examples: int = 0
-    duplicates_removed: int = 0
-    eval_split_from_train: bool = False
-    train_tokens: int = 0
-    loss_tokens: int = 0
-    truncated: int = 0
-    dropped_no_loss: int = 0
-    overlap_train_eval: int = 0
-    max_length: int = 0
-
-    @property
-    def truncated_pct(self) -> float:
-        return 100.0 * self.truncated / max(1, self.train_examples + self.dropped_no_loss)
-
-
-@dataclass
-class PreparedData:
-    train: list[Tokenized]
-    eval: list[Tokenized]
-    train_examples: list[dict]
-    eval_examples: list[dict]
-    stats: DataStats = field(default_factory=DataStats)
+__all__ = ["DataStats", "PreparedData", "dedup", "example_hash", "hash_split", "load_examples", "prepare_data",
+           "to_dataset", "tokenize_all"]
 
 
 def load_examples(path: str, fmt: str, *, split: str = "train", limit: int | None = None, system_prompt: str | None = None) -> tuple[list[dict], str]:
@@ -114,16 +48,19 @@ def prepare_data(recipe, tokenizer, *, resolve=None) -> PreparedData:
 
     data = recipe.data
     resolve = resolve or (lambda value: resolve_path(recipe, value))
-    from tuneforge.data.preference import PREFERENCE_METHODS, prepare_preference_data
+    from tuneforge.methods import method_spec
 
-    if recipe.method in PREFERENCE_METHODS:
+    kind = method_spec(recipe.method).data  # what the method trains on: conversations, text, pairs or prompts
+    if kind == "pairs":
+        from tuneforge.data.preference import prepare_preference_data
+
         return prepare_preference_data(recipe, tokenizer, resolve)
-    fmt = "text" if recipe.method == "cpt" and data.format == "auto" else data.format
+    fmt = "text" if kind == "text" and data.format == "auto" else data.format
     train_examples, detected = load_examples(resolve(data.train), fmt, split=data.split, limit=data.max_examples,
                                              system_prompt=data.system_prompt)
     stats = DataStats(format=detected, max_length=recipe.train.max_length)
-    if recipe.method == "sft" and detected == "text":
-        raise DataError("method sft needs prompts and answers, but the data is plain text", where="data.format",
+    if kind == "conversations" and detected == "text":
+        raise DataError(f"method {recipe.method} needs prompts and answers, but the data is plain text", where="data.format",
                         fix="use method: cpt for plain text, or give messages / prompt+completion data")
     if data.dedup:
         train_examples, stats.duplicates_removed = dedup(train_examples)

@@ -21,30 +21,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from tuneforge.data.formats import _check_messages, _text
+from tuneforge.data.formats import Format, FormatTable, check_messages, check_text
 from tuneforge.data.readers import Record
+from tuneforge.data.splits import dedup, hash_split, normal_text
 from tuneforge.data.template import IGNORE_INDEX, Tokenized, render_chat
 from tuneforge.errors import DataError
-
-PAIRED_METHODS = {"dpo", "orpo", "simpo", "cpo"}
-PREFERENCE_METHODS = PAIRED_METHODS | {"kto"}
-
-
-def detect_preference_format(record: Record) -> str:
-    keys = set(record.data)
-    if {"chosen", "rejected"} <= keys:
-        return "preference"
-    if {"prompt", "completion", "label"} <= keys:
-        return "kto"
-    raise DataError(f"cannot tell the preference format from the keys {sorted(keys)}", where=record.where,
-                    fix="give prompt/chosen/rejected (pairs; chosen/rejected may be full conversations) or "
-                        "prompt/completion/label (unpaired, for kto)")
 
 
 def _as_messages(value, where: str, field_name: str, role: str) -> list[dict]:
     if isinstance(value, list):
-        return _check_messages(value, where, field_name)
-    return [{"role": role, "content": _text(value, where, field_name)}]
+        return check_messages(value, where, field_name)
+    return [{"role": role, "content": check_text(value, where, field_name)}]
 
 
 def _split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> int:
@@ -107,19 +94,24 @@ def canonical_unpaired(record: Record) -> dict:
     return {"prompt": prompt, "completion": completion, "label": label, "where": where}
 
 
+# The preference formats, in detection order (each reader checks its own fields: check_keys=False).
+PREFERENCE_FORMATS = FormatTable("preference", "give prompt/chosen/rejected (pairs; chosen/rejected may be full "
+                                               "conversations) or prompt/completion/label (unpaired, for kto)", (
+    Format("preference", ("chosen", "rejected"), canonical_pair, check_keys=False),
+    Format("kto", ("prompt", "completion", "label"), canonical_unpaired, check_keys=False),
+))
+
+
+def detect_preference_format(record: Record) -> str:
+    return PREFERENCE_FORMATS.detect(record)
+
+
 def canonicalize_preferences(records: list[Record], fmt: str) -> tuple[list[dict], str]:
-    detected = detect_preference_format(records[0]) if fmt == "auto" else fmt
-    out = []
-    for record in records:
-        if fmt == "auto" and detect_preference_format(record) != detected:
-            raise DataError(f"this example looks like {detect_preference_format(record)} but the file started as "
-                            f"{detected}", where=record.where, fix="use one format per file, or set data.format")
-        out.append(canonical_pair(record) if detected == "preference" else canonical_unpaired(record))
-    return out, detected
+    return PREFERENCE_FORMATS.canonicalize(records, fmt)
 
 
 def _normal_turns(messages: list[dict]) -> list:
-    return [(m["role"], " ".join(m["content"].lower().split())) for m in messages]
+    return [(m["role"], normal_text(m["content"])) for m in messages]
 
 
 def preference_hash(example: dict) -> str:
@@ -220,7 +212,7 @@ def preference_text_dataset(items: list[TokenizedPair]):
 def prepare_preference_data(recipe, tokenizer, resolve):
     """What `train` needs for a preference method; the same PreparedData shape as SFT data (`train`/`eval` hold the
     chosen sequences as SFT-style examples, for doctor's checks; `train_pairs`/`eval_pairs` the tokenized pairs)."""
-    from tuneforge.data.pipeline import DataStats, PreparedData
+    from tuneforge.data.prepared import DataStats, PreparedData
     from tuneforge.data.readers import read_records
 
     data = recipe.data
@@ -244,18 +236,11 @@ def prepare_preference_data(recipe, tokenizer, resolve):
     train_examples, detected = load(resolve(data.train), data.split, data.max_examples)
     stats = DataStats(format=detected, max_length=recipe.train.max_length)
     if data.dedup:
-        before = len(train_examples)
-        train_examples = list({preference_hash(e): e for e in train_examples}.values())
-        stats.duplicates_removed = before - len(train_examples)
+        train_examples, stats.duplicates_removed = dedup(train_examples, preference_hash, keep="last")
     if data.eval:
         eval_examples, _ = load(resolve(data.eval), "test")
     else:  # split by prompt hash, so one prompt's pairs never straddle train and eval
-        threshold = int(data.eval_fraction * 10_000)
-        bucket = lambda e: int(prompt_hash(e)[:8], 16) % 10_000  # noqa: E731
-        eval_examples = [e for e in train_examples if bucket(e) < threshold]
-        train_examples = [e for e in train_examples if bucket(e) >= threshold]
-        if not eval_examples and len(train_examples) > 1:
-            eval_examples = [train_examples.pop(min(range(len(train_examples)), key=lambda i: bucket(train_examples[i])))]
+        train_examples, eval_examples = hash_split(train_examples, data.eval_fraction, prompt_hash)
         stats.eval_split_from_train = True
     max_prompt = recipe.preference.max_prompt_length or recipe.train.max_length // 2
     # Held-out pairs for preference accuracy (kto trains on unpaired examples but is still scored on the pairs)

@@ -36,10 +36,19 @@ def loss_text(tokenizer, item: Tokenized) -> str:
 def preview(console, data, tokenizer, count: int = 3) -> None:
     from rich.panel import Panel
 
-    from tuneforge.train import print_data_summary
-
     for item in data.train[:count]:
         title = f"{item.where}  ({len(item.input_ids)} tokens, {item.loss_tokens} carry loss{', TRUNCATED' if item.truncated else ''})"
         console.print(Panel(render_tokens(tokenizer, item), title=title, title_align="left"))
     console.print("[bold green on grey15]highlighted[/] = tokens that carry loss; [dim]dim[/] = masked (label -100)")
     print_data_summary(console, data.stats)
+
+
+def print_data_summary(console, stats) -> None:
+    """One line of what the data pipeline did: format, counts, tokens, duplicates, truncation, drops."""
+    split = " (split off the training file by hash)" if stats.eval_split_from_train else ""
+    console.print(
+        f"[bold]data[/] format {stats.format}: {stats.train_examples} train / {stats.eval_examples} eval examples{split}; "
+        f"{stats.train_tokens:,} tokens, {stats.loss_tokens:,} carry loss; {stats.duplicates_removed} duplicates removed; "
+        f"{stats.truncated} truncated at max_length {stats.max_length} ({stats.truncated_pct:.1f}%)"
+        + (f"; {stats.dropped_no_loss} dropped (no answer token left)" if stats.dropped_no_loss else "")
+    )

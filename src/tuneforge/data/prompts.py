@@ -19,8 +19,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from tuneforge.data.formats import _check_messages, _text
+from tuneforge.data.formats import check_messages, check_text
 from tuneforge.data.readers import Record, read_records
+from tuneforge.data.splits import dedup, hash_split, normal_text
 from tuneforge.errors import DataError
 
 RESERVED = {"prompt", "completion", "messages", "where", "completions", "prompts", "completion_ids", "trainer_state",
@@ -32,14 +33,14 @@ def canonical_prompt(record: Record, system_prompt: str | None = None) -> dict:
     if "prompt" in data:
         value = data["prompt"]
         if isinstance(value, list):
-            prompt = _check_messages(value, where, "prompt")
+            prompt = check_messages(value, where, "prompt")
         else:
-            prompt = [{"role": "user", "content": _text(value, where, "prompt")}]
+            prompt = [{"role": "user", "content": check_text(value, where, "prompt")}]
         reference = data.get("completion")
         if isinstance(reference, list):
-            reference = "".join(m.get("content", "") for m in _check_messages(reference, where, "completion"))
+            reference = "".join(m.get("content", "") for m in check_messages(reference, where, "completion"))
     elif "messages" in data:
-        messages = _check_messages(data["messages"], where, "messages")
+        messages = check_messages(data["messages"], where, "messages")
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
             prompt, reference = messages, None
@@ -62,7 +63,7 @@ def canonical_prompt(record: Record, system_prompt: str | None = None) -> dict:
 
 
 def prompt_key(example: dict) -> str:
-    turns = [(m["role"], " ".join(m["content"].lower().split())) for m in example["prompt"]]
+    turns = [(m["role"], normal_text(m["content"])) for m in example["prompt"]]
     return hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -91,7 +92,7 @@ def _check_columns(examples: list[dict], columns: list[str]) -> None:
 
 def prepare_prompt_data(recipe, tokenizer, resolve) -> PromptData:
     """Read, check, dedup and split RL prompts; prompts are measured (and long ones counted) with the chat template."""
-    from tuneforge.data.pipeline import DataStats
+    from tuneforge.data.prepared import DataStats
     from tuneforge.data.template import render_chat
 
     data = recipe.data
@@ -106,18 +107,11 @@ def prepare_prompt_data(recipe, tokenizer, resolve) -> PromptData:
     train = load(resolve(data.train), data.split, data.max_examples)
     stats = DataStats(format="prompt", max_length=recipe.train.max_length)
     if data.dedup:
-        before = len(train)
-        train = list({prompt_key(e): e for e in train}.values())
-        stats.duplicates_removed = before - len(train)
+        train, stats.duplicates_removed = dedup(train, prompt_key, keep="last")
     if data.eval:
         held = load(resolve(data.eval), "test")
     else:
-        threshold = int(data.eval_fraction * 10_000)
-        bucket = lambda e: int(prompt_key(e)[:8], 16) % 10_000  # noqa: E731
-        held = [e for e in train if bucket(e) < threshold]
-        train = [e for e in train if bucket(e) >= threshold]
-        if not held and len(train) > 1:
-            held = [train.pop(min(range(len(train)), key=lambda i: bucket(train[i])))]
+        train, held = hash_split(train, data.eval_fraction, prompt_key)
         stats.eval_split_from_train = True
     if not train:
         raise DataError("no training prompts left after the held-out split", where="data.train", fix="add prompts")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -88,9 +87,9 @@ def _local_gpu_name() -> str:
 
 
 def _schema_methods() -> set[str]:
-    from tuneforge.recipe import Recipe
+    from tuneforge.methods import method_names
 
-    return set(typing.get_args(Recipe.model_fields["method"].annotation))
+    return set(method_names())
 
 
 def _looks_instruct(name: str) -> bool:
@@ -267,7 +266,7 @@ def _fit(shape, gpu, adapter: str, seq_len: int, r: int, dropout: float) -> dict
 
 def decide(answers: dict) -> Decision:
     """Walk the tree for `answers` (keys: see QUESTIONS; also vram_gb, params_b, instruct, lora_insufficient)."""
-    from tuneforge.recipe import DEFAULT_LR
+    from tuneforge.methods import method_spec
 
     reasons: list[str] = []
     approach, method, next_stage = _approach(answers, reasons)
@@ -371,10 +370,11 @@ def decide(answers: dict) -> Decision:
         epochs = 1
         reasons.append("1 epoch of DPO: it over-trains quickly (seed 000 step 6).")
 
-    lr = DEFAULT_LR[adapter] if final_method != "dpo" else 5e-7
+    lr = method_spec(final_method).default_lr(adapter)  # the method's own default, as the recipe would fill it
     reasons.append(f"Learning rate {_yaml_scalar(lr).replace('.0e', 'e').replace('e-0', 'e-')}: " + ("the documented start for LoRA/QLoRA (1e-4 to 2e-4; the frozen base anchors "
                    "the model)" if adapter in ("lora", "qlora") and final_method != "dpo" else
-                   "DPO is far more sensitive than SFT (seed 000: 5e-7)" if final_method == "dpo" else
+                   "DPO is far more sensitive than SFT (seed 000: 5e-7 for full fine-tuning, 10x that with LoRA)"
+                   if final_method == "dpo" else
                    "the documented start for full fine-tuning (2e-5 to 5e-5)") + "; cosine schedule, 3% warmup (defaults).")
 
     steps = max(1, math.ceil(n / (batch * grad_accum))) * epochs
@@ -515,8 +515,11 @@ def _wrap(text: str, width: int = 110) -> list[str]:
 def _next_stage_note(decision: Decision) -> str:
     stage = decision.next_stage
     if stage == "dpo":
+        from tuneforge.methods import method_spec
+
+        lr = _yaml_scalar(method_spec("dpo").default_lr(decision.adapter or "full"))
         return ("Next stage: DPO on preference pairs, starting from this run's model: method dpo, beta 0.1,\n"
-                "learning rate 5e-7, 1 epoch (seed 000 steps 6 and 12).")
+                f"learning rate {lr} (the method's default with this adapter), 1 epoch (seed 000 steps 6 and 12).")
     if stage == "grpo":
         return ("Next stage: GRPO with your answer checker as the reward, starting from this run's model\n"
                 "(method grpo, model.adapter: this run, rl.rewards: [{name: exact_answer}]; see recipes/grpo.yaml).")

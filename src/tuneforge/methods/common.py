@@ -1,6 +1,48 @@
-"""Recipe -> the TrainingArguments fields every method shares (TRL configs subclass TrainingArguments)."""
+"""What methods share: the documented learning-rate ranges and refusals their declarations reuse, and recipe ->
+the TrainingArguments fields every method shares (TRL configs subclass TrainingArguments)."""
 
 from __future__ import annotations
+
+from tuneforge.methods import Refusal
+
+# Documented learning-rate ranges (outside them `doctor` warns): seed 000 step 3 table for supervised training; step 6
+# for preference methods (far lower: 5e-7 full, up to ~5e-5 with LoRA); RL a decade below SFT (seed 000 step 7).
+SUPERVISED_LR_RANGE = {"lora": (1e-5, 1e-3), "full": (1e-6, 1e-4)}
+PREFERENCE_LR_RANGE = {"lora": (1e-7, 5e-5), "full": (1e-7, 5e-6)}
+RL_LR_RANGE = {"lora": (1e-6, 5e-4), "full": (1e-7, 5e-5)}
+
+# Methods that score whole sequences (pairs, rollouts) cannot pack several examples into one row.
+NO_PACKING = Refusal("train.packing", lambda recipe: recipe.train.packing,
+                     "this method scores whole sequences (pairs or rollouts); packing does not apply: set "
+                     "train.packing: false")
+
+
+# Methods trained on prompts alone have no held-out loss: nothing to evaluate every N steps or to stop early on (their
+# held-out reward is scored before and after training).
+NO_HELD_OUT_LOSS = (
+    Refusal("train.eval_every", lambda recipe: bool(recipe.train.eval_every),
+            "this method trains on prompts and has no held-out loss to evaluate every N steps (its held-out reward "
+            "is scored before and after training); remove train.eval_every"),
+    Refusal("train.early_stopping", lambda recipe: recipe.train.early_stopping is not None,
+            "this method has no held-out loss to stop on; remove train.early_stopping"),
+)
+
+
+def rl_batch_divisible_by_group(recipe) -> list[tuple[str, str]]:
+    """grpo/rloo sample rl.num_generations completions per prompt: the batch must hold whole groups."""
+    batch = recipe.train.batch_size * recipe.train.grad_accum
+    if batch % recipe.rl.num_generations:
+        return [("rl.num_generations", f"{recipe.method} samples num_generations completions per prompt, so "
+                                       f"train.batch_size x train.grad_accum ({batch}) must be a multiple of it "
+                                       f"(got {recipe.rl.num_generations})")]
+    return []
+
+
+def needs_a_reward(recipe) -> list[tuple[str, str]]:
+    if not recipe.rl.rewards and not recipe.rl.reward_model:
+        return [("rl.rewards", f"method {recipe.method} needs at least one reward: e.g. rl.rewards: [{{name: "
+                               f"exact_answer}}], or rl.reward_model (a reward run directory)")]
+    return []
 
 
 def precision_flags(recipe, device: str) -> dict:
@@ -16,16 +58,6 @@ def precision_flags(recipe, device: str) -> dict:
 def warmup_fields(warmup: float) -> dict:
     """train.warmup < 1 is a fraction of the steps, else a number of steps."""
     return {"warmup_steps": warmup if warmup < 1 else int(warmup)}
-
-
-def checkpointing_field(enabled: bool) -> dict:
-    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
-    from dataclasses import fields
-
-    from transformers import TrainingArguments
-
-    names = {f.name for f in fields(TrainingArguments)}
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
@@ -59,6 +91,8 @@ def tracker_arguments(recipe, run) -> dict:
 
 
 def common_arguments(recipe, run, device: str) -> dict:
+    from tuneforge.library_fixes import checkpointing_field
+
     t = recipe.train
     has_eval = bool(t.eval_every)
     args = dict(

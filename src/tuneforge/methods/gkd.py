@@ -12,8 +12,8 @@ Refused: a teacher with a different vocabulary (GKD compares full distributions)
 from __future__ import annotations
 
 from tuneforge.errors import ModelError, RecipeError
-from tuneforge.methods import register
-from tuneforge.methods.common import common_arguments
+from tuneforge.methods import Method, register
+from tuneforge.methods.common import NO_PACKING, SUPERVISED_LR_RANGE, common_arguments
 
 
 def load_teacher(recipe, device: str):
@@ -44,7 +44,8 @@ def conversation_dataset(examples: list[dict]):
     return Dataset.from_dict({"messages": rows})
 
 
-def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks):
+def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks):
+    recipe, tokenizer, run, device = ctx.recipe, ctx.tokenizer, ctx.run, ctx.device
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     rl = recipe.rl
@@ -60,4 +61,15 @@ def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, de
                       eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks)
 
 
-register("gkd")(build_trainer)
+def _needs_teacher(recipe) -> list[tuple[str, str]]:
+    if not recipe.rl.teacher:
+        return [("rl.teacher", "method gkd distils a teacher model into this one: set rl.teacher (a model name, "
+                               "folder or run directory sharing this model's tokenizer)")]
+    return []
+
+
+# gkd is supervised (a KL to the teacher on SFT data), so it keeps the SFT learning rates.
+register(Method(
+    name="gkd", family="distillation", data="conversations", summary="distillation from rl.teacher (generalised KD)",
+    lr={"lora": 2e-4, "full": 2e-5}, lr_range=SUPERVISED_LR_RANGE, build_trainer=build_trainer, reads=("rl",),
+    refuses=(NO_PACKING,), check=_needs_teacher, seeds="seed 001 (distillation)", hooks={"scores": "generation"}))

@@ -20,8 +20,9 @@ Refused: rl.use_vllm without vllm installed; a batch that is not a multiple of t
 from __future__ import annotations
 
 from tuneforge.errors import RecipeError
-from tuneforge.methods import register
-from tuneforge.methods.common import common_arguments
+from tuneforge.methods import Method, register
+from tuneforge.methods.common import (NO_HELD_OUT_LOSS, NO_PACKING, PREFERENCE_LR_RANGE, RL_LR_RANGE, common_arguments, needs_a_reward,
+                                      rl_batch_divisible_by_group)
 
 
 def vllm_fields(recipe) -> dict:
@@ -36,27 +37,26 @@ def vllm_fields(recipe) -> dict:
 
 
 def recipe_rewards(recipe, device):
-    """The Reward objects of the run (built once by train_rl before the run directory exists, else here)."""
-    rewards = getattr(recipe, "_rewards", None)
-    if rewards is None:
-        from tuneforge.rewards import build_rewards
+    """The Reward objects of rl.rewards (the run builds them once, before its run directory exists, into ctx.rewards;
+    this is for a trainer built outside a run)."""
+    from tuneforge.rewards import build_rewards
 
-        rewards = build_rewards(recipe.rl.rewards, base_dir=getattr(recipe, "_source_dir", None), device=device,
-                                reward_model_path=recipe.rl.reward_model)
-    return rewards
+    return build_rewards(recipe.rl.rewards, base_dir=recipe.source_dir, device=device,
+                         reward_model_path=recipe.rl.reward_model)
 
 
 def _continued(recipe) -> bool:
     return bool(recipe.model.adapter) and recipe.model.adapter_mode == "continue"
 
 
-def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks):
+def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks):
+    recipe, tokenizer, run, device = ctx.recipe, ctx.tokenizer, ctx.run, ctx.device
     rl, method = recipe.rl, recipe.method
-    rewards = recipe_rewards(recipe, device)
+    rewards = ctx.rewards if ctx.rewards is not None else recipe_rewards(recipe, device)
     functions, weights = [r.function for r in rewards], [r.weight for r in rewards]
     common = common_arguments(recipe, run, device)
     common["remove_unused_columns"] = False  # the rewards read the data's other columns
-    # held-out scoring is done by train_rl (greedy completions + rewards, before and after); TRL's own eval would
+    # held-out scoring is done by the run (scores.py) (greedy completions + rewards, before and after); TRL's own eval would
     # sample num_generations per prompt at every eval
     common.update(eval_strategy="no", eval_steps=None)
     generation = dict(temperature=rl.temperature, top_p=rl.top_p, **vllm_fields(recipe))
@@ -91,5 +91,22 @@ def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, de
     raise RecipeError([f"`method`: {method} is not an online RL method"])
 
 
-for _name in ("grpo", "rloo", "online_dpo"):
-    register(_name)(build_trainer)
+def _grouped(recipe) -> list[tuple[str, str]]:
+    return needs_a_reward(recipe) + rl_batch_divisible_by_group(recipe)
+
+
+# Learning rates: TRL's (GRPO/RLOO 1e-6 full, online DPO 5e-7 as DPO), LoRA 10x. KL coefficient: GRPO 0.04 (the GRPO
+# paper), RLOO 0.05 (TRL), online DPO 0.1 (DPO's beta, seed 000 step 6). Seed 003: too small a KL and the policy
+# hacks the reward, too large and RL makes no progress.
+register(Method(
+    name="grpo", family="rl", data="prompts", summary="RL with reward functions, advantages relative to a group",
+    lr={"lora": 1e-5, "full": 1e-6}, lr_range=RL_LR_RANGE, build_trainer=build_trainer, reads=("rl",),
+    refuses=(NO_PACKING, *NO_HELD_OUT_LOSS), check=_grouped, kl=0.04, seeds="seed 001 part 10", hooks={"scores": "rewards"}))
+register(Method(
+    name="rloo", family="rl", data="prompts", summary="REINFORCE leave-one-out with reward functions",
+    lr={"lora": 1e-5, "full": 1e-6}, lr_range=RL_LR_RANGE, build_trainer=build_trainer, reads=("rl",),
+    refuses=(NO_PACKING, *NO_HELD_OUT_LOSS), check=_grouped, kl=0.05, seeds="seed 001 part 10", hooks={"scores": "rewards"}))
+register(Method(
+    name="online_dpo", family="rl", data="prompts", summary="DPO on pairs sampled online and ranked by the rewards",
+    lr={"lora": 5e-6, "full": 5e-7}, lr_range=PREFERENCE_LR_RANGE, build_trainer=build_trainer, reads=("rl",),
+    refuses=(NO_PACKING, *NO_HELD_OUT_LOSS), check=needs_a_reward, kl=0.1, seeds="seed 000 step 6", hooks={"scores": "rewards"}))

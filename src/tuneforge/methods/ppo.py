@@ -40,8 +40,8 @@ import contextlib
 import math
 
 from tuneforge.errors import RecipeError
-from tuneforge.methods import register
-from tuneforge.methods.common import common_arguments
+from tuneforge.methods import Method, Refusal, register
+from tuneforge.methods.common import NO_HELD_OUT_LOSS, NO_PACKING, RL_LR_RANGE, common_arguments
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def ppo_trainer_class():
 
     class PolicyAndValue(torch.nn.Module):
         """One module so that one optimizer (train.optimizer) steps the policy's trainable weights and the value
-        model; train_rl reads `.policy` for evaluation and saving."""
+        model; the run reads `.policy` for evaluation and saving."""
 
         def __init__(self, policy, value):
             super().__init__()
@@ -325,16 +325,17 @@ def ppo_trainer_class():
         def save_model(self, output_dir=None, _internal_call=False):
             self.policy.save_pretrained(output_dir or self.args.output_dir)
 
-        def evaluate(self, *args, **kwargs):  # held-out rewards are scored by train_rl after training
+        def evaluate(self, *args, **kwargs):  # held-out rewards are scored by the run after training
             return {}
 
     return PPOLoop
 
 
-def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks):
+def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks):
+    recipe, tokenizer, run, device = ctx.recipe, ctx.tokenizer, ctx.run, ctx.device
     from transformers import TrainingArguments
 
-    from tuneforge.distributed import world_size
+    from tuneforge.ranks import world_size
     from tuneforge.methods.reward import load_reward_model
 
     if world_size() > 1:
@@ -374,4 +375,28 @@ def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, de
                                train_dataset=train_dataset, callbacks=callbacks)
 
 
-register("ppo")(build_trainer)
+def _ppo_needs(recipe) -> list[tuple[str, str]]:
+    rl, problems = recipe.rl, []
+    if not rl.reward_model:
+        problems.append(("rl.reward_model", "method ppo optimises a trained reward model: train one with method: "
+                                            "reward, then set rl.reward_model to its run directory"))
+    batch = recipe.train.batch_size * recipe.train.grad_accum
+    if batch % rl.num_mini_batches:
+        problems.append(("rl.num_mini_batches", f"ppo splits each batch of rollouts (train.batch_size x grad_accum = "
+                                                f"{batch}) into num_mini_batches; it must divide it (got "
+                                                f"{rl.num_mini_batches})"))
+    return problems
+
+
+# Learning rate: seed 000 step 7 (PPO 1e-5 full), LoRA 10x; KL coefficient 0.05 (seed 000 step 7).
+register(Method(
+    name="ppo", family="rl", data="prompts", summary="RLHF against a trained reward model (clipped PPO, GAE)",
+    lr={"lora": 1e-4, "full": 1e-5}, lr_range=RL_LR_RANGE, build_trainer=build_trainer, reads=("rl",),
+    refuses=(NO_PACKING,
+             Refusal("rl.use_vllm", lambda recipe: recipe.rl.use_vllm,
+                     "ppo samples its rollouts with transformers generate (tuneforge's PPO loop has no vLLM path); set "
+                     "rl.use_vllm: false, or use grpo / rloo / online_dpo, which generate with vLLM"),
+             Refusal("train.save_every", lambda recipe: bool(recipe.train.save_every),
+                     "ppo's loop writes no resumable checkpoints (it cannot resume); remove train.save_every"),
+             *NO_HELD_OUT_LOSS),
+    check=_ppo_needs, kl=0.05, resumable=False, seeds="seed 000 step 7; seed 001 part 8", hooks={"scores": "rewards"}))

@@ -19,8 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneforge.errors import ModelError
-from tuneforge.methods import register
-from tuneforge.methods.common import common_arguments
+from tuneforge.methods import Method, register
+from tuneforge.methods.common import NO_PACKING, SUPERVISED_LR_RANGE, common_arguments
 
 
 def load_reward_base(recipe, device: str, console=None):
@@ -84,7 +84,8 @@ def reward_pair_dataset(pairs):
                               "rejected_ids": [p.prompt_ids + p.rejected_ids for p in pairs]})
 
 
-def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks):
+def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks):
+    recipe, tokenizer, run, device = ctx.recipe, ctx.tokenizer, ctx.run, ctx.device
     from trl import RewardConfig, RewardTrainer
 
     if tokenizer.pad_token is None:
@@ -96,7 +97,11 @@ def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, de
                          processing_class=tokenizer, callbacks=callbacks)
 
 
-register("reward")(build_trainer)
+# Learning rate: TRL's reward-model default 1e-5 for full fine-tuning, LoRA 10x.
+register(Method(
+    name="reward", family="reward", data="pairs", summary="a reward model (one-output head) trained on pairs",
+    lr={"lora": 1e-4, "full": 1e-5}, lr_range=SUPERVISED_LR_RANGE, build_trainer=build_trainer, reads=("rl",),
+    refuses=(NO_PACKING,), seeds="seed 000 step 7", hooks={"scores": "pairwise"}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

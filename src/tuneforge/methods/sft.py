@@ -12,17 +12,20 @@ transformers derives a block-diagonal mask from the position ids for sdpa/eager)
 
 from __future__ import annotations
 
-from tuneforge.methods import register
-from tuneforge.methods.common import common_arguments
+from tuneforge.methods import Method, register
+from tuneforge.methods.common import SUPERVISED_LR_RANGE, common_arguments
 
 
-def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, device, callbacks):
+def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks, **config):
+    """TRL's SFTTrainer on tuneforge's pre-tokenized data; `config`: further SFTConfig fields, for methods that are
+    SFT with another loss (e.g. methods/dft.py)."""
+    recipe, tokenizer, run, device = ctx.recipe, ctx.tokenizer, ctx.run, ctx.device
     from trl import SFTConfig, SFTTrainer
 
     from tuneforge import speed
 
     fields = dict(max_length=recipe.train.max_length, packing=recipe.train.packing, packing_strategy="bfd",
-                  dataset_num_proc=None)
+                  dataset_num_proc=None, **config)
     fields.update(speed.sft_arguments(recipe))  # padding-free micro-batches
     args = SFTConfig(**common_arguments(recipe, run, device), **fields)
     return SFTTrainer(
@@ -35,5 +38,22 @@ def build_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, run, de
     )
 
 
-register("sft")(build_trainer)
-register("cpt")(build_trainer)
+# Learning rates: seed 000 steps 3-5 and "common mistakes": 2e-4 LoRA/QLoRA, 2e-5 full fine-tuning.
+register(Method(
+    name="sft", family="supervised", data="conversations", summary="loss on the answers only (prompts masked)",
+    lr={"lora": 2e-4, "full": 2e-5}, lr_range=SUPERVISED_LR_RANGE, build_trainer=build_trainer,
+    seeds="seed 000 steps 3-5", hooks={"scores": "generation", "few_shot": True, "padding_free": True}))
+
+
+def _cpt_format(recipe) -> list[tuple[str, str]]:
+    if recipe.data.format not in ("auto", "text"):
+        return [("data.format", f"method cpt trains on plain text; data.format must be text or auto "
+                                f"(got {recipe.data.format!r})")]
+    return []
+
+
+register(Method(
+    name="cpt", family="supervised", data="text",
+    summary="continued pre-training on plain text, loss on every token",
+    lr={"lora": 2e-4, "full": 2e-5}, lr_range=SUPERVISED_LR_RANGE, build_trainer=build_trainer, check=_cpt_format,
+    seeds="seed 000 (continued pre-training)", hooks={"scores": "loss", "padding_free": True}))

@@ -13,7 +13,7 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
                    into one where the memory plan fits the merged worst case (the host-side cost of a micro-batch,
                    ~0.3 s on the H100, is then paid once a step). speed.layout speed:
                    train.gradient_checkpointing: auto and speed.fold_accumulation: auto -> the memory plan
-                   (guide/plan.py), sized for the largest micro-batch the data can make, picks the fastest layout that
+                   (memory.py), sized for the largest micro-batch the data can make, picks the fastest layout that
                    fits speed.memory_fraction of the GPU: accumulation micro-batches merged into one (same examples per
                    optimizer step; a small model's step is otherwise bound by Python and kernel-launch overhead),
                    then no checkpointing, then checkpointing every 2nd layer, then every layer.
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib.util
 
-PADDING_FREE_METHODS = ("sft", "cpt")
 # Model types Liger patches (liger_kernel.transformers.monkey_patch); others train unpatched.
 LIGER_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
                      "phi3", "olmo2", "granite", "glm4"}
@@ -55,11 +54,20 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
     """Decide every `auto` lever for this run and device; the decisions are written back into the recipe.
     `lengths` (token counts of the training examples) size the largest micro-batch for the memory plan.
     Returns {lever: decision} with the reason for each, for the run log."""
+    from tuneforge.methods import method_spec
+
     s, reasons = recipe.speed, {}
     cuda = device == "cuda"
+    takes_padding_free = bool(method_spec(recipe.method).hooks.get("padding_free"))  # the method's declaration
+    if s.padding_free is True and not takes_padding_free:
+        from tuneforge.errors import RecipeError
+
+        raise RecipeError([f"`speed.padding_free`: method {recipe.method}'s trainer takes no padding-free micro-batches "
+                           f"(only the SFT-style methods do); remove it or set it to auto"])
     if s.padding_free == "auto":
-        s.padding_free = recipe.method in PADDING_FREE_METHODS and not recipe.train.packing
-        reasons["padding_free"] = "sft/cpt without packing" if s.padding_free else f"not used by {recipe.method}/packing"
+        s.padding_free = takes_padding_free and not recipe.train.packing
+        reasons["padding_free"] = "the method takes it, no packing" if s.padding_free else (
+            f"not used by {recipe.method}/packing")
     model_type = getattr(model_config, "model_type", None)
     if s.liger == "auto":
         s.liger = cuda and liger_available() and model_type in LIGER_MODEL_TYPES and recipe.adapter.type != "qlora"
@@ -105,18 +113,19 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
 def resolve_for_run(recipe, console, lengths: list[int] | None = None) -> None:
     """speed.* and train.gradient_checkpointing `auto` -> decisions for this device (this package); `lengths`
     (the training examples' token counts) let the memory plan size the largest micro-batch the data can make."""
-    from tuneforge.models import local_rank, pick_device
+    from tuneforge.models import pick_device
+    from tuneforge.ranks import local_rank
 
     device = pick_device()
     config, memory = None, None
     if device == "cuda":  # the memory plan needs the model's config and the GPU's memory
         import torch
 
-        from tuneforge.guide.plan import load_model_config
+        from tuneforge.memory import recipe_model_config
+        from tuneforge.models import resolve_model_source
 
         try:
-            config = load_model_config(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code,
-                                       revision=recipe.model.revision)
+            config = recipe_model_config(recipe, resolve_source=resolve_model_source)
         except Exception:  # a config the plan cannot read: checkpointing stays on, Liger off (the safe choices)
             config = None
         memory = torch.cuda.get_device_properties(local_rank()).total_memory / 2**30
@@ -142,7 +151,7 @@ SMALL_MODEL_PARAMETERS = 4e9
 
 
 def _parameters(model_config) -> float:
-    from tuneforge.guide.plan import model_shape
+    from tuneforge.memory import model_shape
 
     try:
         return float(model_shape(model_config).params_total)
@@ -151,19 +160,18 @@ def _parameters(model_config) -> float:
 
 
 def _planned_gib(recipe, model_config, lengths, fold: int, gc: int) -> float:
-    """Planned peak (GiB, guide/plan.py) of the largest micro-batch the data can make with `fold` accumulation
+    """Planned peak (GiB, memory.py) of the largest micro-batch the data can make with `fold` accumulation
     micro-batches merged, checkpointing none (gc 0), every 2nd layer (2) or every layer (1)."""
-    from tuneforge.guide.plan import plan_memory
+    from tuneforge.memory import plan_for_recipe
 
-    t, a = recipe.train, recipe.adapter
-    rows, row_tokens = largest_micro_batch(recipe, lengths, t.batch_size * fold)
-    settings = dict(adapter="full" if a.type == "none" else a.type, seq_len=row_tokens, batch_size=rows,
-                    optimizer=t.optimizer, lora_r=a.r, target_modules=a.target_modules, lora_dropout=a.dropout,
-                    quant_bits=recipe.quant.bits, double_quant=recipe.quant.double_quant)
-    on = plan_memory(model_config, gradient_checkpointing=True, **settings)["reserved_gib"]
+    rows, row_tokens = largest_micro_batch(recipe, lengths, recipe.train.batch_size * fold)
+    # As this plan has always been made: bf16 and no modules_to_save, whatever the recipe says (kept so the layout
+    # chosen stays the same; dropping these two pins would plan the recipe as guards and `tuneforge plan` do).
+    settings = dict(seq_len=row_tokens, batch_size=rows, dtype="bf16", modules_to_save=())
+    on = plan_for_recipe(recipe, model_config, gradient_checkpointing=True, **settings)["reserved_gib"]
     if gc == 1:
         return on
-    off = plan_memory(model_config, gradient_checkpointing=False, **settings)["reserved_gib"]
+    off = plan_for_recipe(recipe, model_config, gradient_checkpointing=False, **settings)["reserved_gib"]
     return off if gc == 0 else on + (off - on) / 2  # every 2nd layer keeps half the activations
 
 

@@ -66,7 +66,7 @@ def train_stages(recipe, *, output=None, overwrite=False, console=None, resume=F
                       + (" (resuming)" if resumable else ""))
         try:
             last = train(stage, output=str(path), overwrite=overwrite or (resume and not resumable), console=console,
-                         resume=resumable, doctor=doctor)
+                         resume=resumable, doctor=doctor, stage=True)
         finally:
             entry["status"] = RunDir(path).status if (path / "status.json").exists() else "failed"
             _write_record(parent, record)
@@ -93,7 +93,7 @@ def as_written_yaml(recipe) -> str:
 
     from tuneforge.recipe import recipe_to_yaml, resolve_path
 
-    base = getattr(recipe, "_stage_base", None)
+    base = recipe.stage_base
     if base is None:  # built in code without a mapping: the resolved form is all there is
         return recipe_to_yaml(recipe)
     written = copy.deepcopy(base)
