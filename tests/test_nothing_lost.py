@@ -119,3 +119,60 @@ def test_output_at_a_file_or_a_link_is_refused(tmp_path, tiny_model_dir, small_s
             assert says in text
     assert a_file.read_text() == "a,b\n1,2\n"
     assert (real / "thesis.tex").exists() and link.is_symlink()
+
+
+def test_a_huge_held_out_prompt_is_cut_to_the_context_and_counted(tmp_path, tiny_model_dir, small_sft_file):
+    """Scoring keeps the last tokens of a prompt longer than the model's context (512 here) and says how many were
+    cut, instead of running out of memory after training."""
+    import json
+
+    lines = small_sft_file.read_text().splitlines()[:3]
+    huge = {"messages": [{"role": "user", "content": "word " * 200_000 + "Extract the order."},
+                         {"role": "assistant", "content": "{}"}]}
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("\n".join(lines + [json.dumps(huge)]) + "\n")
+    raw = _raw(tiny_model_dir, small_sft_file)
+    raw["data"] = {"train": str(small_sft_file), "eval": str(eval_file)}
+    raw["eval"].update(baseline=True, max_examples=10)
+    console = Console(record=True, width=300)
+    run = train(parse_recipe(raw), output=str(tmp_path / "run"), console=console, doctor=False)
+    assert run.status == "completed" and (run.path / "adapter").is_dir()
+    for name in ("baseline", "tuned"):
+        result = run.read_json(f"eval/{name}.json")
+        assert result["n"] == 4 and result["truncated_prompts"] == 1, name
+    assert "1 prompt(s) longer than the model's context kept their last tokens" in console.export_text()
+
+
+def test_prompt_cut_keeps_the_end_of_the_prompt(smol_tokenizer):
+    from tuneforge.evaluate.generation import encode_prompts
+
+    prompt = "start " * 5000 + "the question<|im_start|>assistant\n"
+    (ids,), cut = encode_prompts(smol_tokenizer, [prompt], limit=20)
+    assert cut == 1 and len(ids) == 20
+    assert smol_tokenizer.decode(ids).endswith("the question<|im_start|>assistant\n")
+    (short,), none = encode_prompts(smol_tokenizer, ["hello"], limit=20)
+    assert none == 0 and short == smol_tokenizer("hello", add_special_tokens=False)["input_ids"]
+
+
+def test_a_huge_training_line_is_cut_before_it_is_tokenized(smol_tokenizer):
+    """A 5 MB message never reaches the tokenizer whole: at most max_length * CHARS_PER_TOKEN_BOUND characters of
+    it do; the example is marked truncated and holds max_length tokens, as before."""
+    from tuneforge.data.template import CHARS_PER_TOKEN_BOUND, tokenize_example
+
+    seen = []
+    original = type(smol_tokenizer).__call__
+
+    class Recording(type(smol_tokenizer)):
+        def __call__(self, text, *args, **kwargs):
+            seen.append(len(text) if isinstance(text, str) else max(len(t) for t in text))
+            return original(self, text, *args, **kwargs)
+
+    tokenizer = smol_tokenizer.__class__.__new__(Recording)
+    tokenizer.__dict__.update(smol_tokenizer.__dict__)
+    example = {"messages": [{"role": "user", "content": "x" * 5_000_000},
+                            {"role": "assistant", "content": "the answer"}], "where": "train.jsonl:1"}
+    item = tokenize_example(tokenizer, example, max_length=64)
+    assert item.truncated and len(item.input_ids) == 64
+    assert seen and max(seen) < 64 * CHARS_PER_TOKEN_BOUND + 1000
+    text_item = tokenize_example(tokenizer, {"text": "y" * 5_000_000, "where": "t:1"}, max_length=32)
+    assert text_item.truncated and len(text_item.input_ids) <= 32

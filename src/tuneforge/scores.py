@@ -194,7 +194,9 @@ def score_model(model, ctx, examples, *, label: str) -> dict:
                                      max_examples=recipe.eval.max_examples, max_new_tokens=recipe.eval.max_new_tokens,
                                      batch_size=recipe.eval.batch_size, progress=progress, label=label)
     shown = ", ".join(f"{k} {v:.1f}" for k, v in result["metrics"].items())
-    console.print(f"[bold]{label}[/] on {result['n']} held-out examples: {shown}")
+    cut = result.get("truncated_prompts")
+    console.print(f"[bold]{label}[/] on {result['n']} held-out examples: {shown}"
+                  + (f" ({cut} prompt(s) longer than the model's context kept their last tokens)" if cut else ""))
     return result
 
 

@@ -171,16 +171,42 @@ def _truncate(example: Tokenized, max_length: int) -> Tokenized:
     return example
 
 
+# No token covers more than this many characters in practice, so a text longer than max_length * this cannot fit in
+# max_length tokens: it is cut to that many characters before the tokenizer sees it (a 50 MB line would otherwise be
+# tokenized whole -- gigabytes of token ids and offsets -- only to be truncated to max_length tokens afterwards).
+CHARS_PER_TOKEN_BOUND = 64
+
+
+def _bounded(text, max_length: int) -> tuple[object, bool]:
+    limit = max_length * CHARS_PER_TOKEN_BOUND
+    return (text[:limit], True) if isinstance(text, str) and len(text) > limit else (text, False)
+
+
 def tokenize_example(tokenizer, example: dict, max_length: int) -> Tokenized:
+    """An example -> token ids and labels (loss on the answers), truncated at max_length tokens (`truncated` says
+    so). Texts far longer than max_length tokens could ever hold are cut by characters first (CHARS_PER_TOKEN_BOUND)."""
     where = example.get("where", "")
     if "text" in example:
-        return tokenize_text(tokenizer, example["text"], max_length, where)
+        text, cut = _bounded(example["text"], max_length)
+        return _mark(tokenize_text(tokenizer, text, max_length, where), cut)
     if example.get("raw_prompt_completion") and not tokenizer.chat_template:
         prompt, completion = raw_prompt_completion(example)
-        return tokenize_prompt_completion(tokenizer, prompt, completion, max_length, where)
-    messages = example["messages"]
+        (prompt, cut_prompt), (completion, cut_completion) = _bounded(prompt, max_length), _bounded(completion, max_length)
+        return _mark(tokenize_prompt_completion(tokenizer, prompt, completion, max_length, where),
+                     cut_prompt or cut_completion)
+    messages, cut = [], False
+    for message in example["messages"]:
+        content, was_cut = _bounded(message.get("content"), max_length)
+        messages.append({**message, "content": content} if was_cut else message)
+        cut = cut or was_cut
     first_loss_turn = len(messages) - example.get("completion_turns", len(messages))
-    return tokenize_chat(tokenizer, messages, max_length, where, first_loss_turn=first_loss_turn)
+    return _mark(tokenize_chat(tokenizer, messages, max_length, where, first_loss_turn=first_loss_turn), cut)
+
+
+def _mark(item: Tokenized, cut: bool) -> Tokenized:
+    if cut:
+        item.truncated = True
+    return item
 
 
 def prompt_for_generation(tokenizer, example: dict) -> tuple[str, str]:

@@ -16,7 +16,8 @@ def _question(example: dict) -> str:
 
 def evaluate_generation(model, tokenizer, examples: list[dict], *, metrics: list, max_examples: int | None,
                         max_new_tokens: int, batch_size: int, progress=None, label: str = "eval") -> dict:
-    """-> {"metrics": {...}, "n": N, "samples": [{prompt, question, reference, prediction, scores}, ...]}
+    """-> {"metrics": {...}, "n": N, "truncated_prompts": K, "samples": [{prompt, question, reference, prediction,
+    scores}, ...]}; K prompts were longer than the model's context and kept their last tokens.
 
     metrics: names, recipe mappings or MetricSpecs (see evaluate/metrics.py). Examples that carry a `tests` field
     (code tasks) give pass_at_k its tests; otherwise the reference answer is used.
@@ -25,8 +26,9 @@ def evaluate_generation(model, tokenizer, examples: list[dict], *, metrics: list
     pairs = [prompt_for_generation(tokenizer, e) for e in chosen]
     prompts = [p for p, _ in pairs]
     references = [r for _, r in pairs]
+    stats: dict = {}
     predictions = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   progress=progress, description=f"scoring {label}")
+                                   progress=progress, description=f"scoring {label}", stats=stats)
     tests = [e.get("tests") or r for e, r in zip(chosen, references)] if any("tests" in e for e in chosen) else None
     details: dict = {}
     results = score(predictions, references, metrics, tests=tests, details=details)
@@ -35,4 +37,4 @@ def evaluate_generation(model, tokenizer, examples: list[dict], *, metrics: list
         per_example = {key: values[i] for key, values in details.items() if i < len(values)}
         samples.append({"prompt": p, "question": _question(chosen[i]), "reference": r, "prediction": y,
                         "scores": per_example})
-    return {"metrics": results, "n": len(samples), "samples": samples}
+    return {"metrics": results, "n": len(samples), "truncated_prompts": stats["truncated_prompts"], "samples": samples}
