@@ -143,3 +143,15 @@ def test_methods_command_lists_every_method(monkeypatch, capsys):
         assert not exc.code
     out = capsys.readouterr().out
     assert all(name in out for name in method_names()) and "5e-7" in out
+
+
+def test_the_run_resolves_a_copy_of_the_recipe(tmp_path, tiny_model_dir, small_sft_file):
+    """Resolved settings are new values: the caller's recipe keeps its `auto`s and relative paths; the saved
+    recipe.yaml holds the decisions."""
+    raw = _quiet(tiny_recipe(tiny_model_dir, small_sft_file, train={"max_steps": 1}))
+    recipe = parse_recipe(raw)
+    before = recipe.model_dump()
+    run = train(recipe, output=str(tmp_path / "run"), console=Console(quiet=True), doctor=False)
+    assert recipe.model_dump() == before and recipe.speed.padding_free == "auto"
+    saved = yaml.safe_load((run.path / "recipe.yaml").read_text())
+    assert saved["speed"]["padding_free"] in (True, False) and saved["train"]["gradient_checkpointing"] in (True, False)

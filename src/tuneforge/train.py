@@ -73,10 +73,10 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     from tuneforge.speed import resolve_for_run
 
     lengths = [len(e.input_ids) for e in data.train if hasattr(e, "input_ids")] if spec.data != "prompts" else []
-    resolve_for_run(recipe, console, lengths or None)  # speed levers and checkpointing for this device
+    recipe = resolve_for_run(recipe, console, lengths or None)  # a new recipe: levers decided for this device
     if doctor and not resume:  # preflight checks: errors stop here, before a run directory exists
         run_doctor(recipe, tokenizer, data, console)
-    absolute_paths(recipe)
+    absolute_paths(recipe)  # on the run's own (resolved) copy: the caller's recipe is not changed
     ctx = RunContext(recipe=recipe, spec=spec, tokenizer=tokenizer, data=data, device=device, console=console,
                      metric_specs=metric_specs, lm_eval=lm_eval, rewards=rewards)
     from tuneforge.scores import scorer_for

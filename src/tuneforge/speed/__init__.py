@@ -110,9 +110,10 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
     return reasons
 
 
-def resolve_for_run(recipe, console, lengths: list[int] | None = None) -> None:
-    """speed.* and train.gradient_checkpointing `auto` -> decisions for this device (this package); `lengths`
-    (the training examples' token counts) let the memory plan size the largest micro-batch the data can make."""
+def resolve_for_run(recipe, console, lengths: list[int] | None = None):
+    """The recipe with speed.* and train.gradient_checkpointing `auto` decided for this device: a new recipe (the one
+    passed in is not changed), which the run saves so its recipe.yaml records what ran. `lengths` (the training
+    examples' token counts) let the memory plan size the largest micro-batch the data can make."""
     from tuneforge.models import pick_device
     from tuneforge.ranks import local_rank
 
@@ -129,9 +130,11 @@ def resolve_for_run(recipe, console, lengths: list[int] | None = None) -> None:
         except Exception:  # a config the plan cannot read: checkpointing stays on, Liger off (the safe choices)
             config = None
         memory = torch.cuda.get_device_properties(local_rank()).total_memory / 2**30
+    recipe = recipe.model_copy(deep=True)
     reasons = resolve(recipe, device, config, memory, lengths=lengths)
     if reasons and device == "cuda":
         console.print("[bold]speed[/] " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
+    return recipe
 
 
 def largest_micro_batch(recipe, lengths: list[int] | None, batch_size: int | None = None) -> tuple[int, int]:
