@@ -367,6 +367,11 @@ def build_guarded_trainer(ctx: RunContext, model, train_dataset, eval_dataset):
     numerical = NumericalGuard(max_skips=recipe.train.skip_nonfinite_batches, run=run)
     interrupt = InterruptGuard()
     callbacks = [ProgressCallback(run, ctx.console), numerical, interrupt]
+    from tuneforge.methods.common import tensorboard_callback
+
+    tensorboard = tensorboard_callback(recipe, run)  # train.report_to: tensorboard -> <run>/tensorboard
+    if tensorboard is not None:
+        callbacks.append(tensorboard)
     plateau = None
     if recipe.train.early_stopping is not None:
         from tuneforge.evaluate.early_stopping import PlateauStopping

@@ -79,15 +79,24 @@ def check_trackers(recipe) -> list[str]:
 
 
 def tracker_arguments(recipe, run) -> dict:
-    """train.report_to -> report_to/run_name. TensorBoard writes into <run>/tensorboard (transformers reads the folder
-    from TENSORBOARD_LOGGING_DIR; without it the events would land under checkpoints/). A tracker that is not
-    installed is a recipe error naming the key, not an ImportError halfway through setting up the trainer."""
-    import os
-
-    wanted = check_trackers(recipe)
-    if "tensorboard" in wanted:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.file("tensorboard"))
+    """train.report_to -> report_to/run_name, TensorBoard left out: the run adds its own callback writing into
+    <run>/tensorboard (`tensorboard_callback`). A tracker that is not installed is a recipe error naming the key, not
+    an ImportError halfway through setting up the trainer."""
+    wanted = [name for name in check_trackers(recipe) if name != "tensorboard"]
     return {"report_to": wanted or "none", "run_name": recipe.name}
+
+
+def tensorboard_callback(recipe, run):
+    """transformers' TensorBoard callback writing into <run>/tensorboard, or None without `tensorboard` in
+    train.report_to. transformers takes the folder only from the TENSORBOARD_LOGGING_DIR environment variable (else
+    the events land under checkpoints/); setting the callback's folder here changes no process-wide state."""
+    if "tensorboard" not in recipe.train.report_to:
+        return None
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(run.file("tensorboard"))
+    return callback
 
 
 def common_arguments(recipe, run, device: str) -> dict:
