@@ -310,3 +310,22 @@ def test_finding_rendering_and_raising():
     raise_for_errors(findings[1:])  # warnings alone do not stop a run
     with pytest.raises(ValueError):
         Finding("fatal", "c", "m", "w", "f")
+
+
+def test_lora_rank_against_the_adapted_layers():
+    """adapter.r above the smallest adapted layer's min(in, out) is an error naming the rank and the layer; only the
+    layers target_modules adapts count (q_proj is 64 x 64, k_proj 32 x 64 in this config)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    ok = fake_recipe(adapter={"r": 32})
+    assert "lora-rank-too-large" not in [f.code for f in run_doctor(ok, model_config=config)]
+    too_large = run_doctor(fake_recipe(adapter={"r": 48}), model_config=config)
+    finding = next(f for f in too_large if f.code == "lora-rank-too-large")
+    assert finding.severity == "error" and "adapter.r = 48" in finding.message and "32 x 64" in finding.message
+    assert "at most 32" in finding.fix and "adapter.r" in finding.where
+    only_q = fake_recipe(adapter={"r": 48, "target_modules": ["q_proj"]})
+    assert "lora-rank-too-large" not in [f.code for f in run_doctor(only_q, model_config=config)]
+    full = fake_recipe(adapter={"type": "full", "r": 48}, train={"lr": 2e-5})
+    assert "lora-rank-too-large" not in [f.code for f in run_doctor(full, model_config=config)]

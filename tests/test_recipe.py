@@ -295,3 +295,40 @@ def test_set_indexes_into_stages():
     assert [stage.train.max_steps for stage in recipe.stage_recipes()] == [12, 60]
     with pytest.raises(RecipeError, match="stages has 2 entries"):
         load_recipe("recipes/qlora-sft-dpo.yaml", ["stages.5.train.max_steps=60"])
+
+
+def test_recipe_loading_is_bounded(tmp_path):
+    """An alias bomb, a recursive alias, deep nesting and an oversized file are each one RecipeError naming the file,
+    at once; anchors within the bounds still work."""
+    import time
+
+    bomb = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    bomb += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    cases = {"bomb": "\n".join(bomb) + "\nname: t\ndata: {train: t.jsonl}\nstages: [*a8]\n",
+             "recursive": "a: &a [*a]\nname: t\n", "deep": "name: t\nx: " + "[" * 3000 + "]" * 3000 + "\n",
+             "huge": "name: t\n" + "#\n" * 600_000}
+    for name, text in cases.items():
+        path = write(tmp_path, text, f"{name}.yaml")
+        start = time.perf_counter()
+        with pytest.raises(RecipeError) as caught:
+            load_recipe(path)
+        assert time.perf_counter() - start < 5, name
+        assert str(path) in caught.value.render(), name
+    ok = write(tmp_path, "name: t\ndata: &d {train: t.jsonl}\nstages: [{name: a, data: *d}, {name: b, data: *d}]\n")
+    assert [s["data"] for s in load_recipe(ok).stages] == [{"train": "t.jsonl"}] * 2
+
+
+@pytest.mark.parametrize(("section", "key", "value", "says"), [
+    ("train", "seed", -1, "greater than or equal to 0"),
+    ("train", "seed", 2**32, "less than or equal to 4294967295"),
+    ("train", "epochs", float("inf"), "finite"),
+    ("train", "warmup", float("nan"), "finite"),
+    ("train", "optimizer", "adam_w", "did you mean"),
+    ("adapter", "r", 10**6, "less than or equal to 4096"),
+])
+def test_bounds_on_numbers_and_names(section, key, value, says):
+    with pytest.raises(RecipeError, match=says):
+        parse_recipe(minimal(**{section: {key: value}}))
+    for name in ("a\x00b", "x" * 201):
+        with pytest.raises(RecipeError, match="`name`"):
+            parse_recipe({**minimal(), "name": name})

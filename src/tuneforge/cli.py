@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tuneforge.errors import TuneforgeError
 
@@ -18,6 +19,10 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect data as it will be tr
 app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
+# User text (paths, --set values, model output, error messages that quote them) goes through rich's `escape`: rich
+# would read `[bleu]` in `--set eval.metrics=[bleu]` as a style tag and drop it.
+TRUST_REMOTE_CODE_HELP = ("Run code shipped with the model (its own modelling files). Off unless you trust it; a run "
+                          "directory's saved recipe never turns it on.")
 
 
 @app.command()
@@ -56,10 +61,11 @@ def train(
     if is_launched() and not is_main_process():
         out = Console(quiet=True)  # only rank 0 talks; the others' errors still reach the launcher
         overwrite = True  # rank 0 checks the run directory; the others never delete (RunDir.create waits for it)
+    loaded = load_recipe(resume / "recipe.yaml") if resume is not None else load_recipe(recipe, set_)
     if resume is not None:
-        run_train(load_recipe(resume / "recipe.yaml"), output=str(resume), resume=True, console=out)
+        run_train(loaded, output=str(resume), resume=True, console=out)
         return
-    run_train(load_recipe(recipe, set_), output=output, overwrite=overwrite, console=out, doctor=not no_doctor)
+    run_train(loaded, output=output, overwrite=overwrite, console=out, doctor=not no_doctor)
 
 
 def _launch_train(recipe, set_, output, overwrite, resume, no_doctor, gpus, cpu_processes, print_launch) -> None:
@@ -77,13 +83,16 @@ def _launch_train(recipe, set_, output, overwrite, resume, no_doctor, gpus, cpu_
             raise RecipeError([f"--gpus {gpus}: this machine has no CUDA GPU; to try the multi-process path on CPU "
                                f"use --cpu-processes {gpus}"])
     loaded = load_recipe(resume / "recipe.yaml") if resume is not None else load_recipe(recipe, set_)
+    from tuneforge.models import check_weight_files
+
+    check_weight_files(loaded.model.name, allow_pickle=loaded.model.allow_pickle)
     try:
         launch(loaded, recipe_path=str(recipe) if recipe is not None else None, processes=gpus or cpu_processes,
                device="cuda" if gpus is not None else "cpu", overrides=list(set_), output=output, overwrite=overwrite,
                resume=str(resume) if resume is not None else None, no_doctor=no_doctor, print_only=print_launch,
                console=console)
     except LaunchFailed as exc:
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
         raise typer.Exit(exc.exit_code)
 
 
@@ -157,7 +166,7 @@ def recommend(
         if output.exists():
             raise RecipeError([f"{output} already exists; choose another --output"])
         output.write_text(recipe_yaml, encoding="utf-8")
-        console.print(f"recipe written to {output}; next: tuneforge doctor {output}")
+        console.print(escape(f"recipe written to {output}; next: tuneforge doctor {output}"))
 
 
 @app.command("eval")
@@ -169,6 +178,7 @@ def evaluate(
     max_examples: Optional[int] = typer.Option(None, help="Score only the first N examples."),
     max_new_tokens: int = typer.Option(128, help="Generation budget per answer."),
     batch_size: int = typer.Option(16, help="Prompts per generation batch."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ):
     """Score a model on a data file by generation."""
     from rich.table import Table
@@ -183,17 +193,17 @@ def evaluate(
     if unknown:
         raise RecipeError([f"--metric {m}: unknown metric; known: {sorted(METRICS)}" for m in unknown])
     examples, _ = load_examples(str(data), "auto")
-    model, tokenizer = load_target(target)
+    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code)
     from rich.progress import Progress
 
     with Progress(console=console, transient=True) as progress:
         result = evaluate_generation(model, tokenizer, examples, metrics=metric, max_examples=max_examples,
                                      max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    table = Table(title=f"{target} on {data} ({result['n']} examples)")
+    table = Table(title=escape(f"{target} on {data} ({result['n']} examples)"))
     table.add_column("metric")
     table.add_column("score", justify="right")
     for name, value in result["metrics"].items():
-        table.add_row(name, f"{value:.1f}")
+        table.add_row(escape(name), f"{value:.1f}")
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps({"target": target, "data": str(data), **result}, indent=2), encoding="utf-8")
@@ -213,12 +223,13 @@ def generate(
     prompt: str = typer.Option(..., help="The user message."),
     system: Optional[str] = typer.Option(None, help="Optional system message."),
     max_new_tokens: int = typer.Option(256, help="Generation budget."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ):
     """Answer one prompt (greedy), through the model's chat template."""
     from tuneforge.evaluate.generation import generate_answers
     from tuneforge.models import load_target
 
-    model, tokenizer = load_target(target)
+    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     print(generate_answers(model, tokenizer, [_chat_prompt(tokenizer, messages)], max_new_tokens=max_new_tokens)[0])
 
@@ -228,12 +239,13 @@ def chat(
     target: str = typer.Argument(..., help="Run directory, model folder, hub id, or embedded:smollm2-135m-instruct."),
     system: Optional[str] = typer.Option(None, help="Optional system message."),
     max_new_tokens: int = typer.Option(256, help="Generation budget per answer."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ):
     """Talk to a model in the terminal (empty line or Ctrl-D to quit)."""
     from tuneforge.evaluate.generation import generate_answers
     from tuneforge.models import load_target
 
-    model, tokenizer = load_target(target)
+    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code)
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -245,7 +257,7 @@ def chat(
         messages.append({"role": "user", "content": line})
         answer = generate_answers(model, tokenizer, [_chat_prompt(tokenizer, messages)], max_new_tokens=max_new_tokens)[0]
         messages.append({"role": "assistant", "content": answer})
-        console.print(f"[bold cyan]model>[/] {answer}")
+        console.print(f"[bold cyan]model>[/] {escape(answer)}")
 
 
 @app.command()
@@ -254,12 +266,19 @@ def merge(
     output: str = typer.Option(..., help="Folder for the merged checkpoint."),
     dtype: str = typer.Option("auto", help="auto (fp32) | float32 | bfloat16 | float16."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ):
     """Merge the run's adapter into an un-quantized base; writes an ordinary checkpoint."""
     from tuneforge.ops.merge import merge_run
 
+    if (Path(run_dir) / "recipe.yaml").is_file():  # the run's own recipe never turns trust_remote_code on
+        from tuneforge.models import check_run_trust
+        from tuneforge.recipe import load_recipe
+
+        check_run_trust(run_dir, load_recipe(Path(run_dir) / "recipe.yaml"), trust_remote_code)
+
     target = merge_run(run_dir, output, dtype=dtype, overwrite=overwrite)
-    console.print(f"merged model written to {target}")
+    console.print(escape(f"merged model written to {target}"))
 
 
 @app.command()
@@ -276,10 +295,10 @@ def report(
             from tuneforge.errors import RunDirError
 
             raise RunDirError(f"{run_dir} is not a tuneforge run directory (no recipe.yaml)")
-        console.print(f"{RunDir(run_dir).status:>10}  {write_report(run_dir)}")
+        console.print(escape(f"{RunDir(run_dir).status:>10}  {write_report(run_dir)}"))
     if len(run_dirs) > 1:
         console.print(compare_runs(run_dirs))
-        console.print(f"comparison: {write_comparison(run_dirs, output)}")
+        console.print(escape(f"comparison: {write_comparison(run_dirs, output)}"))
 
 
 @data_app.command("preview")
@@ -313,7 +332,7 @@ def main() -> None:
         app()
     except TuneforgeError as exc:
         record_rank_error(exc)
-        err_console.print(f"{where}[bold red]error:[/] {exc.render()}", highlight=False)
+        err_console.print(f"{escape(where)}[bold red]error:[/] {escape(exc.render())}", highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

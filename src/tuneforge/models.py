@@ -8,6 +8,7 @@ ordinary checkpoint (safetensors + tokenizer + chat template) in the cache; late
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -180,14 +181,105 @@ def quantization_config(quant, compute_dtype):
     )
 
 
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on a header
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file cannot be whole (None when its header is valid and the file holds every byte the
+    header promises). Reads the header only: an 8-byte length, then that much JSON naming each tensor's offsets."""
+    size = file.stat().st_size
+    if size < 8:
+        return f"it is {size} bytes, shorter than a safetensors header"
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > MAX_SAFETENSORS_HEADER or 8 + length > size:
+            return f"its header claims {length:,} bytes but the file has {size:,}"
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not valid JSON (not a safetensors file)"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object (not a safetensors file)"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"its header has no valid data_offsets for tensor {name!r}"
+        end = max(end, offsets[1])
+    if 8 + length + end > size:
+        return f"its tensors need {8 + length + end:,} bytes but the file has only {size:,}"
+    return None
+
+
+def check_weight_files(name: str | Path, *, allow_pickle: bool = False, where: str = "model.name") -> None:
+    """A local model (or adapter) folder's weight files are whole: ModelError naming a corrupt or truncated file (an
+    interrupted download or copy) before any of it is loaded. .safetensors headers are read; with `allow_pickle` and
+    no safetensors, the pytorch_model*.bin files are unpickled weights-only onto the meta device (no memory, no code
+    run), so a pickle that holds more than tensors is refused too. Hub ids and missing folders pass (they fail,
+    located, where they are loaded)."""
+    folder = Path(str(name)).expanduser()
+    if not folder.is_dir():
+        return
+    safetensors = sorted(folder.glob("*.safetensors"))
+    for file in safetensors:
+        try:
+            problem = _safetensors_problem(file)
+        except OSError as exc:
+            problem = f"it cannot be read ({exc.strerror or exc})"
+        if problem:
+            raise ModelError(f"{file} is corrupt or truncated: {problem}", where=where,
+                             fix="download or copy the model again (or re-save it with save_pretrained)")
+    if allow_pickle and not safetensors:
+        for file in sorted(folder.glob("pytorch_model*.bin")):
+            _check_pickle(file)
+
+
+def _check_pickle(file: Path) -> None:
+    import pickle
+
+    import torch
+
+    try:
+        torch.load(file, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _pickle_refused(file, exc) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ModelError(f"{file} is corrupt or truncated ({str(exc).splitlines()[0][:200]})", where="model.name",
+                         fix="download or copy the model again") from None
+
+
+def _pickle_refused(file, exc: Exception) -> ModelError:
+    """torch's weights-only unpickler refused the file; its message advises weights_only=False, which would run the
+    file's code, so only the offending global is quoted."""
+    import re
+
+    found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
+    what = f"it calls {found.group(1)}, which is not a tensor" if found else "it holds more than tensors, or is corrupt"
+    return ModelError(f"{file}: refused to unpickle, {what} (loading it could run code)", where="model.allow_pickle",
+                      fix="use safetensors weights from a source you trust; do not load this file")
+
+
+def _weight_files(folder: Path, pickled: bool) -> str:
+    patterns = ("*.bin", "*.pt", "*.pth") if pickled else ("*.safetensors",)
+    files = sorted(str(f) for pattern in patterns for f in folder.glob(pattern))
+    return ", ".join(files) if files else str(folder)
+
+
 def load_base_model(model_section, *, quant=None, device: str | None = None, dtype=None, attention: str | None = None):
     """Load the base model for training or evaluation. `quant` (a QuantSection) loads it with bitsandbytes;
     `attention` is an attn_implementation (speed.attention; None = transformers' default, sdpa)."""
     from transformers import AutoModelForCausalLM
 
+    import pickle
+
+    from safetensors import SafetensorError
+
     quiet_transformers()
     device = device or pick_device()
     source = resolve_model_source(model_section.name)
+    check_weight_files(source, allow_pickle=model_section.allow_pickle)
     dtype = dtype or resolve_dtype(model_section.dtype, device)
     kwargs = dict(dtype=dtype, trust_remote_code=model_section.trust_remote_code, revision=model_section.revision,
                   use_safetensors=None if model_section.allow_pickle else True)
@@ -207,6 +299,17 @@ def load_base_model(model_section, *, quant=None, device: str | None = None, dty
         kwargs["device_map"] = {"": local_rank()} if device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError as exc:  # a pickle that is not plain tensors (it would run code), or a broken one
+        raise _pickle_refused(_weight_files(Path(source), pickled=True), exc) from None
+    except SafetensorError as exc:
+        raise ModelError(f"{_weight_files(Path(source), pickled=False)} is corrupt or truncated ({exc})",
+                         where="model.name", fix="download or copy the model again") from None
+    except RuntimeError as exc:
+        if not Path(source).exists() or "zip archive" not in str(exc) and "PytorchStreamReader" not in str(exc):
+            raise
+        raise ModelError(f"{_weight_files(Path(source), pickled=True)} is corrupt or truncated "
+                         f"({str(exc).splitlines()[0][:200]})", where="model.name",
+                         fix="download or copy the model again") from None
     except (OSError, ValueError) as exc:
         if Path(source).exists():
             pickled = any(Path(source).glob("*.bin")) or any(Path(source).glob("*.pt"))
@@ -225,9 +328,22 @@ def load_base_model(model_section, *, quant=None, device: str | None = None, dty
     return model
 
 
-def load_target(target: str, *, device: str | None = None, quantized_as_trained: bool = True):
+def check_run_trust(run_path: str | Path, recipe, trust_remote_code: bool) -> None:
+    """A run directory's saved recipe never turns trust_remote_code on (a downloaded run could run code): when it
+    asks for it, only the command line's --trust-remote-code allows it."""
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        raise ModelError(f"the run {run_path} was trained with model.trust_remote_code: true (its recipe.yaml), so "
+                         f"loading it runs code shipped with {recipe.model.name}; a run directory's recipe does not "
+                         f"turn that on by itself", where=str(Path(run_path) / "recipe.yaml"),
+                         fix="pass --trust-remote-code if you trust the run and its model")
+
+
+def load_target(target: str, *, device: str | None = None, quantized_as_trained: bool = True,
+                trust_remote_code: bool = False):
     """A model to use: a finished run directory (base + adapter, or the full model), a model folder, a hub id,
-    or the embedded model. Returns (model, tokenizer). A QLoRA run is loaded on its 4-bit base, as trained."""
+    or the embedded model. Returns (model, tokenizer). A QLoRA run is loaded on its 4-bit base, as trained.
+    `trust_remote_code` comes from the caller (the command line), never from the run's saved recipe: a run whose
+    recipe asks for it is refused unless it is passed."""
     from tuneforge.data.template import align_eos
 
     device = device or pick_device()
@@ -238,22 +354,25 @@ def load_target(target: str, *, device: str | None = None, quantized_as_trained:
 
         run = open_run(path)
         recipe = load_recipe(path / "recipe.yaml")
+        check_run_trust(path, recipe, trust_remote_code)
+        model_section = recipe.model.model_copy(update={"trust_remote_code": trust_remote_code})
         weights = run.weights_dir
-        tokenizer = load_tokenizer(str(weights))
+        check_weight_files(weights)
+        tokenizer = load_tokenizer(str(weights), trust_remote_code=trust_remote_code)
         if weights.name == "model":
-            model = load_base_model(recipe.model.model_copy(update={"name": str(weights)}), device=device)
+            model = load_base_model(model_section.model_copy(update={"name": str(weights)}), device=device)
         else:
             from peft import PeftModel
 
             quant = recipe.quant if recipe.adapter.type == "qlora" and quantized_as_trained else None
-            base = load_base_model(recipe.model, quant=quant, device=device)
+            base = load_base_model(model_section, quant=quant, device=device)
             model = PeftModel.from_pretrained(base, str(weights))
         model.generation_config = _saved_generation_config(weights, model)
     else:
         from tuneforge.recipe import ModelSection
 
-        tokenizer = load_tokenizer(target)
-        model = load_base_model(ModelSection(name=target), device=device)
+        tokenizer = load_tokenizer(target, trust_remote_code=trust_remote_code)
+        model = load_base_model(ModelSection(name=target, trust_remote_code=trust_remote_code), device=device)
     align_eos(tokenizer, model)
     model.eval()
     return model, tokenizer

@@ -9,12 +9,14 @@ unknown keys are errors with a "did you mean", and every problem is reported at 
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tuneforge.errors import RecipeError
+from tuneforge.recipe_yaml import _key_lines, load_yaml_bounded, read_recipe_file  # noqa: F401 (doctor: _key_lines)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -46,7 +48,21 @@ class KeyedValueError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float key of every section must be a finite number (`.inf` or `.nan` epochs, warmup or
+    # learning rates would otherwise pass `gt=0` / `ge=0` and fail deep inside training).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Optimizer names accepted without importing transformers (the defaults, and what speed.fused_optimizer picks); any
+# other name is checked against transformers' own list (`OptimizerNames`), which costs the import.
+_COMMON_OPTIMIZERS = frozenset({*DEFAULT_OPTIMIZER.values(), "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit",
+                                "paged_adamw_32bit", "adamw_8bit", "adamw_bnb_8bit", "adafactor", "sgd"})
+
+
+def _optimizer_names() -> list[str]:
+    from transformers.training_args import OptimizerNames
+
+    return [o.value for o in OptimizerNames]
 
 
 class ModelSection(_Section):
@@ -87,11 +103,15 @@ class DataSection(_Section):
     split: str = Field("train", description="Split to read when `train` is a hub dataset name.")
 
 
+MAX_LORA_RANK = 4096  # a rank above every layer's size adapts nothing more than full fine-tuning; doctor checks the model's
+
+
 class AdapterSection(_Section):
     type: Literal["lora", "qlora", "full", "none"] = Field(
         "lora", description="lora | qlora (LoRA on a 4-bit base) | full (all weights) | none (same as full, no adapter)."
     )
-    r: int = Field(16, gt=0, description="LoRA rank (seed 000: r=16 is the common default).")
+    r: int = Field(16, gt=0, le=MAX_LORA_RANK, description="LoRA rank (seed 000: r=16 is the common default; at most "
+                   f"{MAX_LORA_RANK}, and doctor checks it against the model's layer sizes).")
     alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (convention alpha = 2r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] | str = Field(
@@ -131,7 +151,7 @@ class TrainSection(_Section):
         "auto", description="Recompute activations in backward: less memory, ~30% slower. auto = the memory plan decides "
         "on a GPU (off when the run fits speed.memory_fraction of it, else every 2nd layer, else every layer); off on CPU.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on a GPU that has it, else fp32.")
-    seed: int = Field(42, description="Seed for init, shuffling and dropout.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for init, shuffling and dropout (0 to 2**32-1).")
     eval_every: int | None = Field(None, gt=0, description="Held-out loss every N steps (None: at the end only).")
     logging_steps: int = Field(1, gt=0, description="Log loss/lr/throughput every N steps.")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (None: only the final weights).")
@@ -153,6 +173,18 @@ class TrainSection(_Section):
     early_stopping: EarlyStoppingSection | None = Field(
         None, description="Stop when the held-out loss plateaus (needs eval_every); e.g. {patience: 3, min_delta: 0.01}."
     )
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str | None) -> str | None:
+        if value is None or value in _COMMON_OPTIMIZERS:
+            return value
+        names = _optimizer_names()
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1)
+            raise ValueError(f"unknown optimizer {value!r}; " + (f"did you mean {close[0]!r}? " if close else "")
+                             + f"known (transformers' OptimizerNames): {', '.join(names)}")
+        return value
 
 
 class EarlyStoppingSection(_Section):
@@ -345,6 +377,9 @@ class DistributedSection(_Section):
     )
 
 
+MAX_NAME_BYTES = 200  # the run's folder name (common filesystems allow 255 bytes; room for suffixes)
+
+
 class Recipe(_Section):
     name: str = Field(..., min_length=1, description="Run name; the run directory is <output_dir>/<name>.")
     model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
@@ -405,6 +440,12 @@ class Recipe(_Section):
     def _safe_name(cls, value: str) -> str:
         if "/" in value or value in {".", ".."}:
             raise ValueError("must be a plain folder name (no '/')")
+        control = sorted({f"U+{ord(c):04X}" for c in value if unicodedata.category(c) == "Cc"})
+        if control:
+            raise ValueError(f"must be a plain folder name: it holds control character(s) {', '.join(control)}")
+        if len(value.encode("utf-8")) > MAX_NAME_BYTES:
+            raise ValueError(f"is {len(value)} characters ({len(value.encode('utf-8'))} bytes in UTF-8); a folder name "
+                             f"must be at most {MAX_NAME_BYTES} bytes (filesystems allow 255), so shorten it")
         return value
 
     @model_validator(mode="after")
@@ -492,40 +533,6 @@ def merge_stage(base: dict, stage: dict) -> dict:
 # Loading, overrides and error messages
 
 
-def _key_lines(text: str, duplicates: list[str] | None = None, source: str | None = None) -> dict[tuple, int]:
-    """Map each key path in a YAML document to its 1-based line, for error messages. A key given twice in one
-    mapping (YAML keeps only the last, silently) is described in `duplicates` when that list is passed."""
-    import yaml
-
-    lines: dict[tuple, int] = {}
-
-    def walk(node, path):
-        if isinstance(node, yaml.MappingNode):
-            first_line: dict = {}
-            for key_node, value_node in node.value:
-                sub = path + (key_node.value,)
-                line = key_node.start_mark.line + 1
-                if sub in first_line and duplicates is not None:
-                    key = ".".join(str(p) for p in sub)
-                    duplicates.append(f"`{key}` ({source or 'recipe'}:{line}): given twice (also on line "
-                                      f"{first_line[sub]}); YAML would silently keep only the last one, so merge them")
-                first_line.setdefault(sub, line)
-                lines[sub] = line
-                walk(value_node, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                lines[path + (i,)] = item.start_mark.line + 1
-                walk(item, path + (i,))
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
 def _model_for_path(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] | None = Recipe
     for part in loc[:-1]:
@@ -534,6 +541,11 @@ def _model_for_path(loc: tuple) -> type[BaseModel] | None:
         annotation = model.model_fields[part].annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return model
+
+
+def _short_repr(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(error: dict, lines: dict[tuple, int], source: str | None, set_paths: dict[tuple, str] | None = None) -> str:
@@ -562,7 +574,7 @@ def _describe(error: dict, lines: dict[tuple, int], source: str | None, set_path
     if kind == "missing":
         return f"{where}: required key is missing"
     got = error.get("input")
-    got_text = "" if isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
+    got_text = "" if isinstance(got, (dict, BaseModel)) else f" (got {_short_repr(got)})"
     message = str(cause) if kind == "value_error" and cause is not None else error["msg"]
     return f"{where}: {message}{got_text}"
 
@@ -614,7 +626,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             continue
         raw = item.split("=", 1)[1]
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml_bounded(raw, f"--set {item!r}") if raw.strip() else None
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+            continue
         except yaml.YAMLError as exc:
             problems.append(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); quote it")
             continue
@@ -643,23 +658,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file. Relative data paths are resolved against the recipe's folder."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError([f"{path}: no such recipe file"], source=str(path))
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise RecipeError([f"{path}:{line}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8"],
-                          source=str(path)) from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"], source=str(path)) from None
+    text, data = read_recipe_file(path)
     if overrides:
         if not isinstance(data, dict):
             raise RecipeError(["the recipe must be a YAML mapping of keys (name:, model:, data:, ...)"], source=str(path))

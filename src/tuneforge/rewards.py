@@ -202,13 +202,14 @@ def code_tests(*, field: str = "tests", timeout: float = 5, memory_mb: int = 102
 
 
 def reward_model(*, path: str, batch_size: int = 8, key: str = "rl.rewards", device: str | None = None,
-                 base_dir: Path | None = None) -> Callable:
+                 base_dir: Path | None = None, trust_remote_code: bool = False) -> Callable:
     from tuneforge.methods.reward import load_reward_model, score_texts
 
     resolved = Path(path)
     if not resolved.exists() and base_dir is not None and (base_dir / path).exists():
         resolved = base_dir / path
-    model, tokenizer = load_reward_model(str(resolved), device=device, where=f"{key}.options.path")
+    model, tokenizer = load_reward_model(str(resolved), device=device, where=f"{key}.options.path",
+                                         trust_remote_code=trust_remote_code)
 
     def reward(prompts, completions, **columns):
         texts = [_conversation_text(tokenizer, p, c) for p, c in zip(prompts, completions)]
@@ -316,7 +317,7 @@ _FACTORIES = {"exact_answer": exact_answer, "regex": regex, "json_schema": json_
 
 
 def build_rewards(specs, *, base_dir: str | Path | None = None, device: str | None = None,
-                  reward_model_path: str | None = None) -> list[Reward]:
+                  reward_model_path: str | None = None, trust_remote_code: bool = False) -> list[Reward]:
     """`rl.rewards` (+ rl.reward_model as one more reward) -> Reward objects. Files are read here; all problems are
     raised together."""
     base = Path(base_dir) if base_dir is not None else None
@@ -341,8 +342,8 @@ def build_rewards(specs, *, base_dir: str | Path | None = None, device: str | No
                 kwargs = dict(options, key=key)
                 if name in ("json_schema", "reward_model"):
                     kwargs["base_dir"] = base
-                if name == "reward_model":
-                    kwargs["device"] = device
+                if name == "reward_model":  # trust_remote_code: the user's recipe's, never the reward run's
+                    kwargs.update(device=device, trust_remote_code=trust_remote_code)
                 function = _FACTORIES[name](**kwargs)
                 source, label = f"built-in {name}", name
         except ValueError as exc:

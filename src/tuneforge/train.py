@@ -56,9 +56,10 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     from tuneforge.evaluate.lm_eval_tasks import check_tasks
     from tuneforge.evaluate.metrics import resolve_metrics
     from tuneforge.methods.common import check_trackers
-    from tuneforge.models import load_tokenizer, pick_device, quiet_transformers
+    from tuneforge.models import check_weight_files, load_tokenizer, pick_device, quiet_transformers
 
     quiet_transformers()
+    check_weight_files(recipe.model.name, allow_pickle=recipe.model.allow_pickle)  # corrupt, truncated, or pickled code
     device = pick_device()
     tokenizer = load_tokenizer(recipe.model.name, chat_template=recipe.model.chat_template,
                                trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
@@ -168,7 +169,7 @@ def build_run_rewards(recipe: Recipe, spec, data, device: str, console):
     from tuneforge.rewards import build_rewards, probe_rewards
 
     rewards = build_rewards(recipe.rl.rewards, base_dir=recipe.source_dir, device=device,
-                            reward_model_path=recipe.rl.reward_model)
+                            reward_model_path=recipe.rl.reward_model, trust_remote_code=recipe.model.trust_remote_code)
     example = data.train[0]
     probe_rewards(rewards, {"prompt": example["prompt"], **example["columns"]})
     console.print("[bold]rewards[/] " + ", ".join(f"{r.name} x{r.weight:g}" for r in rewards))

@@ -14,7 +14,7 @@ def held_out_scorer(recipe, data, device, rewards=None):
         from tuneforge.rewards import build_rewards
 
         rewards = build_rewards(recipe.rl.rewards, base_dir=recipe.source_dir, device=device,
-                                reward_model_path=recipe.rl.reward_model)
+                                reward_model_path=recipe.rl.reward_model, trust_remote_code=recipe.model.trust_remote_code)
     examples = data.eval[: recipe.rl.eval_prompts or None] or data.train[: recipe.rl.eval_prompts or 20]
     held_out = bool(data.eval)
 

@@ -20,7 +20,8 @@ def load_teacher(recipe, device: str):
     from tuneforge.models import load_target
 
     try:
-        teacher, tokenizer = load_target(recipe.rl.teacher, device=device)
+        # the user's own recipe says whether model code may run; a teacher run's saved recipe never does
+        teacher, tokenizer = load_target(recipe.rl.teacher, device=device, trust_remote_code=recipe.model.trust_remote_code)
     except ModelError as exc:
         raise ModelError(exc.message, where="rl.teacher", fix=exc.fix) from None
     if hasattr(teacher, "merge_and_unload"):

@@ -42,7 +42,7 @@ def recipe_rewards(recipe, device):
     from tuneforge.rewards import build_rewards
 
     return build_rewards(recipe.rl.rewards, base_dir=recipe.source_dir, device=device,
-                         reward_model_path=recipe.rl.reward_model)
+                         reward_model_path=recipe.rl.reward_model, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def _continued(recipe) -> bool:

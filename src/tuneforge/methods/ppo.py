@@ -342,7 +342,8 @@ def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks):
         raise RecipeError(["`method`: ppo runs in one process (its rollout loop is not distributed); launch it without "
                            "--gpus, or use method: grpo / rloo (TRL's trainers) for several GPUs"])
     rl = recipe.rl
-    reward_model, reward_tokenizer = load_reward_model(rl.reward_model, device=device)
+    reward_model, reward_tokenizer = load_reward_model(rl.reward_model, device=device,
+                                                       trust_remote_code=recipe.model.trust_remote_code)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise RecipeError([f"`rl.reward_model`: {rl.reward_model} uses a different tokenizer from the policy "
                            f"({recipe.model.name}); PPO scores the policy's token ids directly, so train the reward "

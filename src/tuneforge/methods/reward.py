@@ -146,9 +146,11 @@ def pairwise_accuracy(model, tokenizer, pairs, *, batch_size: int = 8) -> dict:
             "mean_rejected": round(sum(scores[1::2]) / len(pairs), 4)}
 
 
-def load_reward_model(path: str, *, device: str | None = None, where: str = "rl.reward_model"):
+def load_reward_model(path: str, *, device: str | None = None, where: str = "rl.reward_model",
+                      trust_remote_code: bool = False):
     """A trained reward model -> (model, tokenizer), merged and frozen. `path`: a `method: reward` run directory
-    (its adapter/ or model/), or a sequence-classification model folder with one output."""
+    (its adapter/ or model/), or a sequence-classification model folder with one output. `trust_remote_code` comes
+    from the caller (the user's own recipe), never from the reward run's saved recipe."""
     from transformers import AutoModelForSequenceClassification
 
     from tuneforge.models import load_tokenizer, pick_device, quiet_transformers
@@ -163,6 +165,9 @@ def load_reward_model(path: str, *, device: str | None = None, where: str = "rl.
         from tuneforge.recipe import load_recipe
 
         recipe = load_recipe(folder / "recipe.yaml")
+        from tuneforge.models import check_run_trust
+
+        check_run_trust(folder, recipe, trust_remote_code)
         if recipe.method != "reward":
             raise ModelError(f"{path} is a `method: {recipe.method}` run, not a reward model", where=where,
                              fix="point it at the run directory of a `method: reward` run")
@@ -170,6 +175,7 @@ def load_reward_model(path: str, *, device: str | None = None, where: str = "rl.
             from peft import PeftModel
 
             base_recipe = recipe.model_copy(deep=True)
+            base_recipe.model.trust_remote_code = trust_remote_code
             if base_recipe.adapter.type == "qlora":  # a judge is loaded unquantised, the adapter merged into it
                 base_recipe.adapter.type = "lora"
             base = load_reward_base(base_recipe, "cpu")

@@ -1,5 +1,6 @@
 """Checks of the adapter: LoRA target modules and modules_to_save against the model's modules (a model built on
-the meta device, no weights), new tokens LoRA cannot train, and QLoRA's optimizer."""
+the meta device, no weights), the LoRA rank against the adapted layers' sizes, new tokens LoRA cannot train, and
+QLoRA's optimizer."""
 
 from __future__ import annotations
 
@@ -75,6 +76,61 @@ def check_target_modules(ctx: Context):
                       f"adapter.modules_to_save {missing_save} match no module of this model",
                       "those modules will not be trained; PEFT raises or silently skips them",
                       f"use names this model has, e.g. {top}", ctx.where("adapter.modules_to_save"))
+    # runner.CHECKS (not this module) lists the checks; the rank check needs the same model, so it runs from here
+    yield from check_lora_rank(ctx)
+
+
+def _adapted_modules(model, targets) -> list[tuple[str, object]]:
+    """(path, module) of the layers PEFT adapts for adapter.target_modules: all-linear = every linear layer but the
+    output head; a list = paths equal to or ending in "." + a name; a single string = a regex over full paths."""
+    import torch
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if targets == "all-linear":
+            hit = module is not output and (isinstance(module, torch.nn.Linear)
+                                            or type(module).__name__ in ("Linear4bit", "Linear8bitLt"))
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(_peft_matches(name, t) for t in targets)
+        if hit:
+            out.append((name, module))
+    return out
+
+
+def check_lora_rank(ctx: Context):
+    """A LoRA update B @ A on a d_out x d_in layer has rank at most min(d_in, d_out): an adapter.r above the smallest
+    adapted layer's size is no more expressive than full fine-tuning of that layer, and A and B grow with r (memory
+    and time for nothing; an absurd r runs out of memory with advice that does not name it)."""
+    if not ctx.uses_lora:
+        return
+    model = ctx.meta_model()
+    if model is None:
+        return
+    r = ctx.recipe.adapter.r
+    sizes = []
+    for name, module in _adapted_modules(model, ctx.recipe.adapter.target_modules):
+        weight = getattr(module, "weight", None)
+        shape = tuple(getattr(weight, "shape", ()))
+        if len(shape) == 2 and min(shape) > 0:
+            sizes.append((min(shape), name, shape))
+    if not sizes:
+        return
+    smallest, name, shape = min(sizes)
+    if r > smallest:
+        above = sum(1 for size, _, _ in sizes if r > size)
+        yield Finding("error", "lora-rank-too-large",
+                      f"adapter.r = {r} exceeds the smallest adapted layer: {name} is {shape[0]} x {shape[1]} "
+                      f"(rank at most {smallest}); {above} of the {len(sizes)} adapted layers are smaller than r",
+                      f"a rank-{r} update of a layer with {smallest} rows or columns has rank at most {smallest}, so it "
+                      f"is no more expressive than full fine-tuning of that layer, while LoRA's A and B matrices (and "
+                      f"their gradients and optimizer state) grow with r: memory and time for nothing",
+                      f"set adapter.r to at most {smallest} (8-64 is typical), or adapter.type: full to train every "
+                      f"weight", ctx.where("adapter.r"))
 
 
 def _embedding_names(model) -> tuple[str | None, str | None]:
