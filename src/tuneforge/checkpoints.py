@@ -20,7 +20,10 @@ place tuneforge touches checkpoint writing):
    errno) removes the partial checkpoint and raises DiskFullError: what was being written, where, how much space
    is free, and what to do. Checkpoints already written are not touched;
 5. resume restores weights in the dtype they trained in (`keep_dtypes_on_resume`: QLoRA's bf16 LoRA weights would
-   otherwise come back as fp32 through PEFT's load_adapter, and the resumed run would not match).
+   otherwise come back as fp32 through PEFT's load_adapter, and the resumed run would not match);
+6. resume from the final checkpoint (global_step == max_steps: killed or stopped after the last save, before the
+   run finished) trains no further step (`stop_at_max_steps`): the Trainer checks max_steps only after a step, and
+   its resumed loop would otherwise run step max_steps + 1 whenever max_steps is not a whole number of epochs.
 
 Under several processes every rank writes its own files (RNG states, sharded optimizer) into the same temporary
 folder; all ranks meet at a barrier before rank 0 renames it.
@@ -39,6 +42,9 @@ from tuneforge.errors import DiskFullError
 TMP = ".tmp"  # under checkpoints/: checkpoints being written, and checkpoints being deleted
 LOW_SPACE_BYTES = 64 * 2**20  # a failed write with less than this free counts as disk full
 DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "storagefull", "quotaexceeded", "os error 28")
+# A failed write as torch.save reports it (no errno): PyTorchStreamWriter's "failed writing file data/0: file write
+# failed", and "[enforce fail at inline_container.cc:NNN] . unexpected pos N vs M" when a write fell short.
+WRITE_FAILED_TEXT = ("write", "pytorchstreamwriter", "inline_container.cc", "unexpected pos")
 
 
 def install_checkpointing(trainer, recipe, run, console=None) -> None:
@@ -86,6 +92,29 @@ def install_checkpointing(trainer, recipe, run, console=None) -> None:
 
     trainer._save_checkpoint = atomic_save_checkpoint
     keep_dtypes_on_resume(trainer)
+    stop_at_max_steps(trainer)
+
+
+def stop_at_max_steps(trainer) -> None:
+    """A resume from a checkpoint at (or past) max_steps trains nothing more. The Trainer's resumed loop restores the
+    state, weights, optimizer and scheduler, then enters the epoch in which global_step falls and runs a step before
+    its first max_steps check: resumed from checkpoint-8 of max_steps 8 it trained a 9th step (unless 8 steps were a
+    whole number of epochs). Here an epoch that would start at or past max_steps is not entered: the RNG state is
+    restored as the resumed epoch would have, and the Trainer finishes as after its last step (on_train_end, the
+    train summary), so the run goes straight to saving and scoring the final weights."""
+    original = trainer._run_epoch
+
+    def run_epoch(*args, **kwargs):
+        state = trainer.state
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            checkpoint = kwargs.get("resume_from_checkpoint")
+            if checkpoint is not None:
+                trainer._load_rng_state(checkpoint)
+            trainer.control.should_training_stop = True
+            return None
+        return original(*args, **kwargs)
+
+    trainer._run_epoch = run_epoch
 
 
 def keep_dtypes_on_resume(trainer) -> None:
@@ -214,17 +243,63 @@ def free_bytes(path: Path) -> int | None:
 
 
 def is_disk_full(exc: BaseException, where: Path) -> bool:
-    """ENOSPC/EDQUOT, a library's message for them, or a failed write while (almost) no space is left: torch.save
-    reports a full disk as 'PytorchStreamWriter failed writing file', with no errno."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return True
+    """ENOSPC/EDQUOT (on the error or one it was raised from), a library's message for them, or a failed write while
+    (almost) no space is left: torch.save reports a full disk without errno, as 'PytorchStreamWriter failed writing
+    file data/0: file write failed' or '[enforce fail at inline_container.cc:NNN] . unexpected pos N vs M'."""
+    seen, current = set(), exc
+    while current is not None and id(current) not in seen:  # the error itself, then what it was raised from
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        if any(marker in str(current).lower() for marker in DISK_FULL_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
     text = str(exc).lower()
-    if any(marker in text for marker in DISK_FULL_TEXT):
-        return True
-    if isinstance(exc, (OSError, RuntimeError)) and ("write" in text or "writing" in text):
+    if isinstance(exc, (OSError, RuntimeError)) and any(marker in text for marker in WRITE_FAILED_TEXT):
         free = free_bytes(where)
         return free is not None and free < LOW_SPACE_BYTES
     return False
+
+
+def remove_partial_files(run) -> list[Path]:
+    """After a full disk ended a run: remove what was being written and is useless half-written (it also holds the
+    space): a checkpoint being saved (checkpoints/.tmp), a run file's temporary copy (*.tmp: status, summary, eval
+    files, report), and final weights cut short (adapter/ or model/ without weights or tokenizer, in a run that did
+    not complete). Complete checkpoints and complete weights are never touched. Returns what was removed."""
+    if not run.is_main or not run.path.is_dir():
+        return []
+    removed = []
+    staging = run.path / "checkpoints" / TMP
+    if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging)
+    for tmp in [*run.path.glob("*.tmp"), *run.path.glob("eval/*.tmp"), *run.path.glob("plots/*.tmp")]:
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    if run.status != "completed":
+        for name in ("adapter", "model"):
+            weights = run.path / name
+            if weights.is_dir() and not _complete_weights(weights):
+                shutil.rmtree(weights, ignore_errors=True)
+                removed.append(weights)
+    return removed
+
+
+def _complete_weights(folder: Path) -> bool:
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    index = next(iter(folder.glob("*.safetensors.index.json")), None)
+    if index is not None:
+        import json
+
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError):
+            return False
+        has_weights = all((folder / shard).is_file() for shard in shards)
+    return has_weights and (folder / "tokenizer_config.json").is_file()
 
 
 def disk_full_error(written: Path, final: Path, root: Path, cause: str) -> DiskFullError:

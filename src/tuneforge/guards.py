@@ -26,7 +26,7 @@ import signal
 
 from transformers import TrainerCallback
 
-from tuneforge.errors import OutOfMemory, TuneforgeError
+from tuneforge.errors import DiskFullError, OutOfMemory, TuneforgeError
 
 
 class NumericalFault(TuneforgeError):
@@ -246,6 +246,11 @@ def train_with_oom_retry(attempt, recipe, run, checkpoint, console):
         detail = None
         try:
             return attempt(recipe, checkpoint)
+        except DiskFullError:  # a checkpoint save or a run file: its own message; the other partial files go too
+            from tuneforge.checkpoints import remove_partial_files
+
+            remove_partial_files(run)
+            raise
         except OutOfMemory as exc:
             if (not recipe.train.oom_retry or recipe.train.batch_size <= 1 or is_launched()
                     or exc.phase not in ("training", "evaluation")):
@@ -285,8 +290,8 @@ def train_with_oom_retry(attempt, recipe, run, checkpoint, console):
         checkpoint = _newest_checkpoint(run)
         if run.is_main:
             if checkpoint is None:  # start over: the rows of the failed attempt go
-                run.file("metrics.jsonl").write_text("", encoding="utf-8")
-            run.file("recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")  # a later --resume uses it
+                run.write_text("metrics.jsonl", "")
+            run.write_text("recipe.yaml", recipe_to_yaml(recipe))  # a later --resume uses it; whole or as it was
         run.set_status("running", oom_retries=retries)
         console.print(f"[yellow]out of memory at step {step}[/] with micro-batch {old[0]} x grad_accum {old[1]}; "
                       f"retrying with {t.batch_size} x {t.grad_accum} (same effective batch) from "
@@ -294,11 +299,15 @@ def train_with_oom_retry(attempt, recipe, run, checkpoint, console):
 
 
 def _disk_full(run, detail: str):
-    from tuneforge.checkpoints import _gib, free_bytes
+    """DiskFullError for a full disk outside checkpoint saves, once the half-written files are removed (they are
+    useless and hold the space the resume needs)."""
+    from tuneforge.checkpoints import _gib, free_bytes, remove_partial_files
     from tuneforge.errors import DiskFullError
 
-    return DiskFullError(f"disk full while writing the run's files ({detail}); {_gib(free_bytes(run.path))} free there; "
-                         f"checkpoints already written are intact", where=str(run.path),
+    removed = remove_partial_files(run)
+    gone = f"; removed the partial {', '.join(p.name for p in removed)}" if removed else ""
+    return DiskFullError(f"disk full while writing the run's files ({detail}); {_gib(free_bytes(run.path))} free there"
+                         f"{gone}; checkpoints already written are intact", where=str(run.path),
                          fix=f"free space on that disk (or move the run elsewhere), then: tuneforge train --resume "
                          f"{run.path} (continues from the newest checkpoint; set train.save_every to have one)")
 

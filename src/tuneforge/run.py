@@ -13,6 +13,9 @@ runs/<name>/
   accelerate_config.yaml  (runs launched with --gpus/--cpu-processes) how the processes were started
   .tuneforge-run     the mark that tuneforge made this folder: `--overwrite` replaces only marked folders that hold
                      nothing but a run's own files (`check_replaceable`)
+  .tuneforge-lock    the lock of the process writing the run (its pid inside), held with flock(2) for the run's whole
+                     life: a second `train --resume`, an `--overwrite` of the folder or a `merge` into it is refused
+                     while it is held. The kernel drops it with the process, so a killed run can be resumed at once.
 
 Under several processes (accelerate launch / torchrun) only rank 0 writes: every writing method here is a no-op
 on the other ranks, and `create` on them waits for rank 0's directory instead of making one.
@@ -20,6 +23,7 @@ on the other ranks, and `create` on them waits for rank 0's directory instead of
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,16 +31,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneforge.errors import RunDirError
+from tuneforge.errors import DiskFullError, RunDirError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover -- Windows: no lock
+    fcntl = None
 
 
 RUN_MARKER = ".tuneforge-run"
+LOCK_FILE = ".tuneforge-lock"
 # Everything tuneforge writes at the top of a run directory (a multi-stage run's stages are marked run directories of
 # their own). Anything else found there is the user's, and makes `--overwrite` refuse rather than delete it.
 RUN_ENTRIES = frozenset({
     RUN_MARKER, "recipe.yaml", "environment.json", "status.json", "metrics.jsonl", "data_stats.json", "adapter",
     "model", "checkpoints", "eval", "summary.json", "report.html", "plots", "tensorboard", "accelerate_config.yaml",
-    "stages.json",
+    "stages.json", LOCK_FILE,
 })
 
 
@@ -52,6 +62,132 @@ def _is_own_entry(entry: Path) -> bool:
     return entry.is_dir() and not entry.is_symlink() and (entry / RUN_MARKER).is_file()  # a stage of a multi-stage run
 
 
+def _has_entries(path: Path) -> bool:
+    """Anything in `path` besides a lock file (which a refused or finished writer may leave behind)."""
+    return path.is_dir() and any(e.name != LOCK_FILE for e in path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run lock: one writing process per run directory
+
+_HELD: dict[str, int] = {}  # resolved run directory -> fd of the lock this process holds (re-entrant in-process)
+
+
+def _key(path: Path) -> str:
+    return str(Path(path).resolve())
+
+
+def holds_run_lock(path: Path) -> bool:
+    """True when this process holds the lock of the run directory `path`."""
+    return _key(path) in _HELD
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds `path`'s lock when another process does ("process 1234 (tuneforge train, on host, since ...)"); None
+    when it is free or held by this process."""
+    lock = Path(path) / LOCK_FILE
+    if fcntl is None or holds_run_lock(path) or not lock.is_file():
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None  # no flock on this filesystem: nothing to go by
+            return _describe_holder(lock)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _describe_holder(lock: Path) -> str:
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        info = {}
+    pid = info.get("pid")
+    if pid is None:
+        return "another process (pid not recorded yet)"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"])) if info.get("since") else "?"
+    return f"process {pid} ({info.get('command', 'tuneforge')}, on {info.get('host', '?')}, since {since})"
+
+
+def _in_use_error(path: Path, holder: str, doing: str) -> RunDirError:
+    return RunDirError(f"run directory {path} is in use: {holder} is writing it; {doing} is refused while it runs",
+                       fix=f"wait for that run to finish (or stop it: Ctrl-C, or kill the process), then try again; "
+                       f"or choose another --output")
+
+
+def acquire_run_lock(path: Path, *, doing: str = "tuneforge train") -> None:
+    """Take the lock of the run directory `path` (which must exist) for this process, writing its pid into the lock
+    file; RunDirError naming the holder when another process has it. Re-entrant within one process. The lock lasts
+    until `release_run_lock` or the end of the process (the kernel drops it, even on SIGKILL). Filesystems without
+    flock(2) run unlocked."""
+    if fcntl is None or holds_run_lock(path):
+        return
+    lock = Path(path) / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise _in_use_error(Path(path), _describe_holder(lock), doing) from None
+        return  # ENOLCK / EOPNOTSUPP: this filesystem has no flock
+    import socket
+    import sys
+
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+            "command": " ".join(["tuneforge", *sys.argv[1:3]]) if sys.argv and "tuneforge" in sys.argv[0] else doing}
+    try:
+        os.ftruncate(fd, 0)
+        _write_bytes(fd, (json.dumps(info) + "\n").encode())
+    except OSError:  # a full disk: the lock holds all the same, without the pid
+        pass
+    _HELD[_key(path)] = fd
+
+
+def release_run_lock(path: Path) -> None:
+    """Drop this process's lock on `path` (no-op when it holds none). The lock file stays (it names no holder)."""
+    fd = _HELD.pop(_key(path), None)
+    if fd is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def release_run(run: RunDir | None) -> None:
+    """The end of a run's life in this process (train.py calls it in `train()`'s `finally`): its lock goes, so another
+    process may resume, overwrite or merge into it. A process that ends releases it anyway."""
+    if run is not None:
+        release_run_lock(run.path)
+
+
+def refuse_if_in_use(path: Path, doing: str) -> None:
+    """RunDirError when `path`, or a run directory above it, or a stage run directory in it, is locked by another
+    process (a run training there). Only the writing process asks: under a launcher the other ranks never write, and
+    rank 0's own lock is not theirs to refuse."""
+    from tuneforge.ranks import is_main_process
+
+    if not is_main_process():
+        return
+    path = Path(path)
+    candidates = [path, *path.resolve().parents]
+    if path.is_dir() and not path.is_symlink():
+        candidates += [e for e in path.iterdir() if e.is_dir() and not e.is_symlink() and (e / RUN_MARKER).is_file()]
+    for candidate in candidates:
+        holder = lock_holder(candidate)
+        if holder is not None:
+            raise _in_use_error(candidate, holder, doing)
+
+
 def check_output_path(path: Path, *, overwrite: bool) -> None:
     """Refuse an output path that cannot become a run directory: a file or a symbolic link, an existing run without
     --overwrite, or (with --overwrite) anything `check_replaceable` would not delete."""
@@ -60,7 +196,7 @@ def check_output_path(path: Path, *, overwrite: bool) -> None:
                           fix="pass the real folder, or a new --output path")
     if path.exists() and not path.is_dir():
         raise RunDirError(f"--output {path} is a file, not a folder", fix="choose another --output path")
-    if path.exists() and any(path.iterdir()):
+    if _has_entries(path):
         if not overwrite:
             raise RunDirError(f"run directory {path} already exists",
                               fix="pass --overwrite to replace it, --resume to continue it, or --output DIR for a new one")
@@ -80,6 +216,7 @@ def check_replaceable(path: Path) -> list[Path]:
     if not (path / RUN_MARKER).is_file():
         raise RunDirError(f"{path} exists and is not a run directory tuneforge made (no {RUN_MARKER} in it); refusing "
                           "to delete it", fix="choose another --output, or move or delete that folder yourself")
+    refuse_if_in_use(path, "--overwrite")  # a run still training there (or in one of its stages) is not deleted
     entries = sorted(path.iterdir())
     foreign = [e.name for e in entries if not _is_own_entry(e)]
     if foreign:
@@ -90,14 +227,28 @@ def check_replaceable(path: Path) -> list[Path]:
 
 
 def replace_run_directory(path: Path, console=None) -> None:
-    """Delete a marked run directory (after `check_replaceable`), saying what goes."""
+    """Empty a marked run directory (after `check_replaceable`), saying what goes. It is done holding the run's lock
+    (taken here for the deletion when the caller does not hold it), and the lock file itself stays, so no other
+    process can start writing the folder while it is emptied."""
     entries = check_replaceable(path)
     if console is not None:
         from rich.markup import escape
 
-        names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries if e.name != RUN_MARKER)
+        names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries if e.name not in (RUN_MARKER, LOCK_FILE))
         console.print(escape(f"--overwrite: removing the earlier run {path} ({names})"), highlight=False)
-    shutil.rmtree(path)
+    temporary = not holds_run_lock(path)
+    acquire_run_lock(path, doing="--overwrite")
+    try:
+        for entry in sorted(path.iterdir()):
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    finally:
+        if temporary:
+            release_run_lock(path)
 
 
 class RunDir:
@@ -117,15 +268,29 @@ class RunDir:
 
         if not self.is_main:
             return self._wait_for_main()
-        if os.environ.get(ENV_PREPARED_RUN) == str(self.path.resolve()):
-            pass  # the launcher checked --overwrite and emptied it before the ranks started
-        else:
+        # The launcher checked --overwrite and emptied the folder before the ranks started.
+        prepared = os.environ.get(ENV_PREPARED_RUN) == str(self.path.resolve())
+        if not prepared:
             check_output_path(self.path, overwrite=overwrite)
-            if self.path.exists() and any(self.path.iterdir()):
-                replace_run_directory(self.path, console)
-        mark_run_directory(self.path)
-        (self.path / "eval").mkdir(exist_ok=True)
-        self.set_status("running", started=time.time())
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            acquire_run_lock(self.path)  # held for the run's life; refused while another process writes here
+        except OSError as exc:
+            raise _disk_full_or(exc, self.path, "the run directory") from None
+        try:
+            if not prepared:
+                check_output_path(self.path, overwrite=overwrite)  # again, under the lock: another run may have started
+                if _has_entries(self.path):
+                    replace_run_directory(self.path, console)
+            try:
+                mark_run_directory(self.path)
+                (self.path / "eval").mkdir(exist_ok=True)
+            except OSError as exc:
+                raise _disk_full_or(exc, self.path, RUN_MARKER) from None
+            self.set_status("running", started=time.time())
+        except BaseException:
+            release_run_lock(self.path)
+            raise
         return self
 
     def _wait_for_main(self, timeout: float = 600.0) -> RunDir:
@@ -149,34 +314,86 @@ class RunDir:
     def write_json(self, name: str, value) -> None:
         if not self.is_main:
             return
-        target = self.path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-        tmp.replace(target)
+        self.write_text(name, json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a file of the run atomically (a temporary sibling, then a rename): whole or as it was. A full disk
+        removes the temporary file and raises DiskFullError."""
+        if not self.is_main:
+            return
+        write_atomic(self.path / name, text)
 
     def read_json(self, name: str, default=None):
         target = self.path / name
         return json.loads(target.read_text(encoding="utf-8")) if target.exists() else default
 
     def append_metrics(self, row: dict) -> None:
+        """One row more in metrics.jsonl; a write cut short (full disk) is undone, so the file never ends in half a
+        row."""
         if not self.is_main:
             return
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        target = self.path / "metrics.jsonl"
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                _write_bytes(fd, (json.dumps(row) + "\n").encode("utf-8"))
+            except OSError as exc:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise _disk_full_or(exc, target, "metrics.jsonl") from None
+        finally:
+            os.close(fd)
 
     def metrics(self) -> list[dict]:
         target = self.path / "metrics.jsonl"
         if not target.exists():
             return []
-        return [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in target.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if i != len(lines) - 1:
+                    raise
+                # the last row cut short by a kill mid-write: it is logged again on resume
+        return rows
+
+    def keep_metrics_through(self, step: int) -> None:
+        """On resume from checkpoint-`step`: drop the rows logged after that checkpoint was saved (they are logged
+        again): every row of a later step, and at that step the end-of-training rows (the Trainer's train summary,
+        the final held-out loss) that follow the save."""
+        kept = [row for row in self.metrics() if row.get("step", 0) < step or (
+            row.get("step", 0) == step and not row.get("final") and "train_loss" not in row)]  # train_loss: the summary
+        self.write_text("metrics.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
 
     def set_status(self, state: str, **fields) -> None:
+        """Update status.json. A final state (failed, interrupted) is written even on a full disk when at all
+        possible (in place, when no room is left for a second copy), and never raises: it must not hide the error
+        that ended the run."""
         if not self.is_main:
             return
         status = self.read_json("status.json", {}) or {}
         status.update(fields, state=state, updated=time.time())
-        self.write_json("status.json", status)
+        if state not in ("failed", "interrupted"):
+            self.write_json("status.json", status)
+            return
+        text = json.dumps(status, indent=2, ensure_ascii=False, default=str)
+        try:
+            write_atomic(self.path / "status.json", text)
+        except (OSError, DiskFullError):
+            try:
+                with open(self.path / "status.json", "r+", encoding="utf-8") as handle:
+                    handle.write(text)
+                    handle.truncate()
+            except OSError:
+                import sys
+
+                print(f"warning: could not record status {state!r} in {self.path / 'status.json'} (disk full?)",
+                      file=sys.stderr)
 
     @property
     def status(self) -> str:
@@ -186,6 +403,46 @@ class RunDir:
     def weights_dir(self) -> Path:
         """adapter/ for LoRA/QLoRA runs, model/ for full fine-tuning."""
         return self.path / "adapter" if (self.path / "adapter").exists() else self.path / "model"
+
+
+def _write_bytes(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (the one place run files are written, so tests can inject a full disk)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_atomic(target: Path, text: str) -> None:
+    """`target` replaced by `text` whole, or left as it was: written to `target.tmp`, flushed, renamed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_bytes(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise _disk_full_or(exc, target, target.name) from None
+
+
+def _disk_full_or(exc: OSError, where: Path, what: str) -> BaseException:
+    """DiskFullError when `exc` is a full disk, else `exc` itself (to re-raise)."""
+    from tuneforge.checkpoints import _gib, free_bytes, is_disk_full
+
+    if not is_disk_full(exc, Path(where)):
+        return exc
+    return DiskFullError(f"disk full while writing {what} ({type(exc).__name__}: {exc}); "
+                         f"{_gib(free_bytes(Path(where)))} free there", where=str(where),
+                         fix="free space on that disk (or move the run elsewhere), then: tuneforge train --resume "
+                         "RUN_DIR (continues from the newest checkpoint)")
 
 
 @dataclass
@@ -229,7 +486,18 @@ def start_run(path, *, checkpoint, overwrite: bool, console=None) -> RunDir:
     running again."""
     run = RunDir(path)
     if checkpoint is not None:
-        run.set_status("running", resumed_from=checkpoint.name)
+        if run.is_main:
+            acquire_run_lock(run.path, doing="train --resume")  # held for the run's life (release_run)
+            try:  # under the lock: the run may have moved on (or finished) since `target_run` looked
+                current = resumable_checkpoint(run)
+                if current.name != Path(checkpoint).name:
+                    raise RunDirError(f"run {run.path} changed while this resume was getting ready (its newest "
+                                      f"checkpoint is now {current.name}, not {Path(checkpoint).name})",
+                                      fix=f"run tuneforge train --resume {run.path} again")
+                run.set_status("running", resumed_from=checkpoint.name)
+            except BaseException:
+                release_run_lock(run.path)
+                raise
     else:
         run.create(overwrite=overwrite, console=console)
     return run
@@ -239,6 +507,7 @@ def target_run(recipe, output: str | None, *, overwrite: bool, resume: bool, con
     """(run directory, checkpoint to resume from or None); an existing run is never replaced without --overwrite."""
     path = run_path_for(recipe, output)
     if resume:
+        refuse_if_in_use(path, "train --resume")  # before any work; `start_run` takes the lock
         checkpoint = resumable_checkpoint(RunDir(path))
         console.print(f"[bold]resuming[/] {path} from {checkpoint.name}")
         return path, checkpoint

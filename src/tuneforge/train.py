@@ -18,13 +18,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from tuneforge.errors import RecipeError, RunDirError
 from tuneforge.recipe import Recipe, recipe_to_yaml
-from tuneforge.run import RunContext, RunDir, environment, start_run, target_run
+from tuneforge.run import RunContext, RunDir, environment, release_run, start_run, target_run
 
 # Sections a method reads only when its declaration says so (Method.reads): a recipe that sets keys there for a
 # method that ignores them is refused, naming the key.
@@ -52,6 +51,10 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
         refuse_unread_sections(recipe, spec)
     path, checkpoint = target_run(recipe, output, overwrite=overwrite, resume=resume, console=console)
     check_start_adapter(recipe, spec)
+    if recipe.model.adapter:  # model.adapter must hold an adapter before a run directory exists
+        from tuneforge.methods.common import adapter_folder
+
+        adapter_folder(recipe.model.adapter)
 
     from tuneforge.evaluate.lm_eval_tasks import check_tasks
     from tuneforge.evaluate.metrics import resolve_metrics
@@ -97,6 +100,8 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         raise
+    finally:
+        release_run(run)  # the run directory's lock: another process may now resume, overwrite or merge into it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,13 +217,11 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
     run, recipe, spec, console, tokenizer = ctx.run, ctx.recipe, ctx.spec, ctx.console, ctx.tokenizer
     resumed = checkpoint is not None
     if not resumed:
-        run.file("recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        run.write_text("recipe.yaml", recipe_to_yaml(recipe))
         run.write_json("environment.json", environment())
         run.write_json("data_stats.json", ctx.data.stats.__dict__)
     else:  # drop metric rows logged after the checkpoint: they are logged again
-        step = int(checkpoint.name.split("-")[-1])
-        kept = [row for row in run.metrics() if row.get("step", 0) <= step]
-        run.file("metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        run.keep_metrics_through(int(checkpoint.name.split("-")[-1]))
     set_seed(recipe.train.seed)
 
     console.print(f"[bold]model[/] {recipe.model.name} on {ctx.device}")
