@@ -27,14 +27,7 @@ from conftest import kill_job, read_metrics, run_cli, tiny_recipe
 from tuneforge.errors import DiskFullError, RunDirError
 from tuneforge.recipe import load_recipe, parse_recipe
 from tuneforge.train import train
-
-
-def _raw(model_dir, data_file, **train_keys):
-    return tiny_recipe(model_dir, data_file, adapter={"type": "lora", "dropout": 0.0},
-                       train={"max_steps": 6, "batch_size": 2, "save_every": 2, "lr": 1e-3, "optimizer": "adamw_torch",
-                              "scheduler": "constant", **train_keys},
-                       eval={"baseline": False, "max_examples": 1, "max_new_tokens": 2, "forgetting": False,
-                             "few_shot": 0})
+from test_reliability import _raw  # the same small LoRA recipe the other fault tests use
 
 
 def _train(raw, out, **kwargs):

@@ -26,6 +26,15 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 from tuneforge.memory import DEFAULT_OPTIMIZER  # noqa: E402
 
 
+def one_of(value: str, names: list[str], what: str, known: str) -> str:
+    """`value` if it is one of `names`, else a ValueError with the closest name and the list."""
+    if value not in names:
+        close = difflib.get_close_matches(value, names, n=1)
+        raise ValueError(f"unknown {what} {value!r}; " + (f"did you mean {close[0]!r}? " if close else "")
+                         + f"{known}: {', '.join(names)}")
+    return value
+
+
 def _method_names() -> list[str]:
     from tuneforge.methods import method_names
 
@@ -179,12 +188,7 @@ class TrainSection(_Section):
     def _known_optimizer(cls, value: str | None) -> str | None:
         if value is None or value in _COMMON_OPTIMIZERS:
             return value
-        names = _optimizer_names()
-        if value not in names:
-            close = difflib.get_close_matches(value, names, n=1)
-            raise ValueError(f"unknown optimizer {value!r}; " + (f"did you mean {close[0]!r}? " if close else "")
-                             + f"known (transformers' OptimizerNames): {', '.join(names)}")
-        return value
+        return one_of(value, _optimizer_names(), "optimizer", "known (transformers' OptimizerNames)")
 
 
 class EarlyStoppingSection(_Section):
@@ -428,12 +432,7 @@ class Recipe(_Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        names = _method_names()
-        if value not in names:
-            close = difflib.get_close_matches(value, names, n=1)
-            raise ValueError(f"unknown method {value!r}; " + (f"did you mean {close[0]!r}? " if close else "")
-                             + f"known: {', '.join(names)}")
-        return value
+        return one_of(value, _method_names(), "method", "known")
 
     @field_validator("name")
     @classmethod
