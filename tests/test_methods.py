@@ -155,3 +155,20 @@ def test_the_run_resolves_a_copy_of_the_recipe(tmp_path, tiny_model_dir, small_s
     assert recipe.model_dump() == before and recipe.speed.padding_free == "auto"
     saved = yaml.safe_load((run.path / "recipe.yaml").read_text())
     assert saved["speed"]["padding_free"] in (True, False) and saved["train"]["gradient_checkpointing"] in (True, False)
+
+
+def test_kto_on_unpaired_data_trains_and_scores(tmp_path, tiny_model_dir):
+    """TRL's unpaired KTO layout (prompt, completion, label) has no pairs to measure preference accuracy on: the
+    run says so and completes (it used to stop with KeyError 'reference_free' after the model loaded)."""
+    import json
+
+    rows = [{"prompt": f"What is {i} + {i}?", "completion": f"Answer: {2 * i}.", "label": True} for i in range(12)]
+    rows += [{"prompt": f"What is {i} + {i}?", "completion": f"Answer: {2 * i + 1}.", "label": False} for i in range(12)]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    raw = _quiet(tiny_recipe(tiny_model_dir, data, method="kto", train={"max_steps": 2, "batch_size": 4}))
+    console = Console(record=True, width=200)
+    run = train(parse_recipe(raw), output=str(tmp_path / "kto"), console=console, doctor=False)
+    assert run.status == "completed" and (run.path / "adapter").is_dir()
+    assert "no held-out pairs (unpaired data), not measured" in console.export_text()
+    assert run.read_json("summary.json")["preference"] is None

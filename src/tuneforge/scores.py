@@ -79,6 +79,9 @@ class GenerationScorer(Scorer):
 
         ctx = self.ctx
         self.held_out = ctx.data.accuracy_pairs[: ctx.recipe.preference.eval_pairs or None]
+        if not self.held_out:  # unpaired data (kto's prompt/completion/label): no pairs to compare
+            ctx.console.print("preference accuracy: no held-out pairs (unpaired data), not measured")
+            return
         self.preference_start = answer_logps(model, ctx.tokenizer, self.held_out)  # the model at the start = the reference
         accuracy = preference_accuracy(self.preference_start, self.preference_start, ctx.recipe.preference.beta)
         ctx.console.print(f"[bold]preference accuracy[/] (start) on {accuracy['n']} held-out pairs: "
@@ -94,6 +97,8 @@ class GenerationScorer(Scorer):
         ctx = self.ctx
         beta = ctx.recipe.preference.beta
         drop_reference_adapter(trainer.model)
+        if self.preference_start is None:  # no held-out pairs to measure
+            return
         after = preference_accuracy(answer_logps(trainer.model, ctx.tokenizer, self.held_out), self.preference_start, beta)
         self.preference_result = {"before": preference_accuracy(self.preference_start, self.preference_start, beta),
                                   "after": after}
