@@ -143,3 +143,25 @@ def test_interactive_asks_only_what_applies():
     asked = out.getvalue()
     assert "preference pairs" not in asked and "system prompt" in asked
     assert {q.key for q in QUESTIONS} >= {"goal", "model", "gpu", "examples", "max_length", "train", "eval", "name"}
+
+
+def test_answers_given_up_front_take_their_questions_type():
+    """`--answer dpo_underperformed=no` is no (any non-empty string used to count as yes); numbers are numbers; a
+    yes/no question answered with something else is a located error."""
+    from rich.console import Console
+
+    from tuneforge.errors import RecipeError
+    from tuneforge.guide.recommend import coerce_answers
+
+    assert coerce_answers({"dpo_underperformed": "no", "tried_prompting": "Yes", "examples": "3,000"}) == \
+        {"dpo_underperformed": False, "tried_prompting": True, "examples": 3000}
+    with pytest.raises(RecipeError, match="dpo_underperformed=maybe: a yes/no question"):
+        coerce_answers({"dpo_underperformed": "maybe"})
+    given = {"goal": "task", "tried_prompting": "yes", "model": "llama-8b", "gpu": "H100", "examples": "3000",
+             "max_length": "1024", "train": "data/t.jsonl", "eval": "", "name": "my-run"}
+    text, _ = recommend_interactive(Console(file=io.StringIO(), width=120), answers=given, stream=io.StringIO(""))
+    expected, _ = recommend({"goal": "task", "tried_prompting": True, "model": "llama-8b", "gpu": "H100",
+                             "examples": 3000, "max_length": 1024, "train": "data/t.jsonl", "eval": "", "name": "my-run"})
+    assert text == expected
+    no_prompting = recommend({"goal": "task", "tried_prompting": False, "model": "llama-8b", "gpu": "H100"})[1]
+    assert any("--answer tried_prompting=yes" in reason for reason in no_prompting)

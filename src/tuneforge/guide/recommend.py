@@ -127,7 +127,7 @@ def _approach(answers: dict, reasons: list[str]) -> tuple[str, str | None, str |
     if goal in ("style", "task") and not answers.get("tried_prompting"):
         reasons.append("Try a system prompt with a few examples first and measure it on held-out prompts: it is free and "
                        "instant, and fine-tuning is the third thing to try, not the first (seed 003). Come back with "
-                       "--tried-prompting when prompts cannot reach your quality bar.")
+                       "--answer tried_prompting=yes when prompts cannot reach your quality bar.")
         return "prompting", None, None
     if goal in ("style", "task"):
         reasons.append("Measured prompting fell short of the bar, so supervised fine-tuning (SFT) on (prompt, answer) "
@@ -546,6 +546,32 @@ def recommend(answers: dict) -> tuple[str | None, list[str]]:
 # Terminal
 
 
+TRUE_WORDS, FALSE_WORDS = ("yes", "y", "true", "1", "on"), ("no", "n", "false", "0", "off", "")
+
+
+def coerce_answers(answers: dict) -> dict:
+    """Answers given up front (`--answer key=value`, strings) in the type of their question: `no`/`false`/`0` is
+    False for a yes/no question (any non-empty string used to count as yes), numbers for number questions."""
+    from tuneforge.errors import RecipeError
+
+    kinds = {q.key: q.kind for q in QUESTIONS}
+    out = {}
+    for key, value in answers.items():
+        kind = kinds.get(key)
+        if isinstance(value, str) and kind is bool:
+            word = value.strip().lower()
+            if word not in TRUE_WORDS + FALSE_WORDS:
+                raise RecipeError([f"--answer {key}={value}: a yes/no question; answer yes or no"])
+            value = word in TRUE_WORDS
+        elif isinstance(value, str) and kind in (int, float):
+            try:
+                value = kind(value.replace(",", "").replace("_", ""))
+            except ValueError:
+                raise RecipeError([f"--answer {key}={value}: a number is expected"]) from None
+        out[key] = value
+    return out
+
+
 def recommend_interactive(console=None, *, answers: dict | None = None, stream=None) -> tuple[str | None, list[str]]:
     """Ask the questions not already answered (rich prompts), then `recommend`. `stream` is where answers are
     read from (default stdin); tests pass a StringIO."""
@@ -553,7 +579,7 @@ def recommend_interactive(console=None, *, answers: dict | None = None, stream=N
     from rich.prompt import Confirm, IntPrompt, Prompt
 
     console = console or Console()
-    answers = dict(answers or {})
+    answers = coerce_answers(answers or {})
     for question in QUESTIONS:
         if question.key in answers or not question.when(answers):
             continue
