@@ -63,7 +63,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path, monkeypatch, capsys, comma
     start = time.perf_counter()
     _refused(monkeypatch, capsys, command, str(recipe), says=[str(recipe), "aliases expanded", "10,000"],
              runs=tmp_path / "runs")
-    assert time.perf_counter() - start < 5  # was: MemoryError after 38 s; in practice a few milliseconds
+    assert time.perf_counter() - start < 20  # was: MemoryError after 38 s; here a few milliseconds (margin for load)
 
 
 @pytest.mark.parametrize(("text", "says"), [

@@ -138,7 +138,7 @@ def test_sandbox_timeout_kills_the_program():
     started = time.time()
     result = run_python("while True:\n    pass\n", timeout=1.0)
     assert result.timed_out and not result.passed and result.returncode is None
-    assert time.time() - started < 8
+    assert time.time() - started < 15  # margin for a loaded machine: the namespace setup starts a few processes
 
 
 def test_sandbox_blocks_network():

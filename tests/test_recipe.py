@@ -305,14 +305,16 @@ def test_recipe_loading_is_bounded(tmp_path):
     bomb = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     bomb += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
     cases = {"bomb": "\n".join(bomb) + "\nname: t\ndata: {train: t.jsonl}\nstages: [*a8]\n",
-             "recursive": "a: &a [*a]\nname: t\n", "deep": "name: t\nx: " + "[" * 3000 + "]" * 3000 + "\n",
+             "recursive": "a: &a [*a]\nname: t\n", "deep": "name: t\nx: " + "[" * 1000 + "]" * 1000 + "\n",
              "huge": "name: t\n" + "#\n" * 600_000}
     for name, text in cases.items():
         path = write(tmp_path, text, f"{name}.yaml")
         start = time.perf_counter()
         with pytest.raises(RecipeError) as caught:
             load_recipe(path)
-        assert time.perf_counter() - start < 5, name
+        # Bounded, not fast: unbounded, the bomb ran 38 s into a MemoryError; these take well under a second on an
+        # idle machine, and the margin keeps a loaded CI machine from failing the test.
+        assert time.perf_counter() - start < 20, name
         assert str(path) in caught.value.render(), name
     ok = write(tmp_path, "name: t\ndata: &d {train: t.jsonl}\nstages: [{name: a, data: *d}, {name: b, data: *d}]\n")
     assert [s["data"] for s in load_recipe(ok).stages] == [{"train": "t.jsonl"}] * 2

@@ -76,7 +76,7 @@ def test_normal_code_passes_fails_and_times_out():
     started = time.time()
     slow = run_python("import time\ntime.sleep(30)\n", timeout=1)
     assert slow.timed_out and not slow.passed and slow.returncode is None
-    assert time.time() - started < 5
+    assert time.time() - started < 15  # a loaded machine starts processes slowly; the bug this guards was 25 s
     echo = run_python("print(input()[::-1])", timeout=3, stdin="abc\n")
     assert echo.passed and echo.stdout.strip() == "cba"
 
@@ -100,7 +100,7 @@ def test_setsid_child_is_killed_at_the_timeout_and_never_writes(tmp_path):
     if result is None:
         return
     elapsed = time.time() - started
-    assert not result.passed and elapsed < 5  # the limit is not blocked by the child
+    assert not result.passed and elapsed < 15  # the limit is not blocked by the child (it was: 25 s)
     if result.mode == "weak":  # non-root without namespaces: the audit hook refuses to fork at all
         assert "starting processes is blocked" in result.stderr
     else:
@@ -122,7 +122,7 @@ def test_fork_bomb_is_contained_and_leaves_no_survivors():
     result = run(code, timeout=2, max_processes=32)
     if result is None:
         return
-    assert not result.passed and time.time() - started < 8
+    assert not result.passed and time.time() - started < 15
     time.sleep(0.2)
     assert sandbox_processes(started) == []
 
@@ -286,4 +286,4 @@ def test_memory_hog_is_stopped():
     assert not result.passed and "GOT IT" not in result.stdout and "MemoryError" in result.stderr
     raise_limit = run_python("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n", timeout=3)
     assert not raise_limit.passed  # hard limit: the candidate cannot lift it
-    assert time.time() - started < 8
+    assert time.time() - started < 15
