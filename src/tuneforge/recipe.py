@@ -13,9 +13,11 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tuneforge.errors import RecipeError
+from tuneforge.federated.section import FederatedSection
+from tuneforge.recipe_base import KeyedValueError, Section as _Section, one_of  # noqa: F401 (re-exported)
 from tuneforge.recipe_yaml import _key_lines, load_yaml_bounded, read_recipe_file  # noqa: F401 (doctor: _key_lines)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -24,15 +26,6 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 # (src/tuneforge/methods/, `Method.lr`, `lr_range`, `kl`) and `Recipe.resolve_defaults` fills them in from there.
 # The optimizer by adapter type lives with the memory model that sizes its state (memory.py).
 from tuneforge.memory import DEFAULT_OPTIMIZER  # noqa: E402
-
-
-def one_of(value: str, names: list[str], what: str, known: str) -> str:
-    """`value` if it is one of `names`, else a ValueError with the closest name and the list."""
-    if value not in names:
-        close = difflib.get_close_matches(value, names, n=1)
-        raise ValueError(f"unknown {what} {value!r}; " + (f"did you mean {close[0]!r}? " if close else "")
-                         + f"{known}: {', '.join(names)}")
-    return value
 
 
 def _method_names() -> list[str]:
@@ -45,21 +38,6 @@ def _methods_help() -> str:
     from tuneforge.methods import method_names, method_spec
 
     return " | ".join(f"{name} ({method_spec(name).summary})" for name in method_names())
-
-
-class KeyedValueError(ValueError):
-    """A cross-field problem raised by a model validator, carrying the recipe key it is about (pydantic reports a
-    model validator's errors at the top level; this puts them back on the key, with its YAML line)."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(message)
-
-
-class _Section(BaseModel):
-    # allow_inf_nan=False: every float key of every section must be a finite number (`.inf` or `.nan` epochs, warmup or
-    # learning rates would otherwise pass `gt=0` / `ge=0` and fail deep inside training).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # Optimizer names accepted without importing transformers (the defaults, and what speed.fused_optimizer picks); any
@@ -403,6 +381,8 @@ class Recipe(_Section):
         None, description="Run several stages in order, each a partial recipe over this one, e.g. [{name: sft, method: "
         "sft}, {name: dpo, method: dpo, data: {train: prefs.jsonl}}]; each stage starts from the last stage's adapter "
         "(model.adapter) and gets its own run directory <run>/<stage name>.")
+    federated: FederatedSection | None = Field(None, description="Federated training: this recipe's data split across "
+                                              "clients, trained in rounds on Flower (src/tuneforge/federated/).")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
 
     # Where the recipe came from (set by load_recipe; not keys): relative data paths resolve against source_dir,
@@ -468,6 +448,11 @@ class Recipe(_Section):
             raise KeyedValueError("model.adapter_mode", f"continue trains the loaded LoRA adapter, so adapter.type must "
                                                         f"be lora or qlora (got {self.adapter.type}); use adapter_mode: "
                                                         f"merge to fine-tune the merged model fully")
+        if self.model.adapter and self.model.adapter_mode == "merge" and self.adapter.type == "qlora":
+            raise KeyedValueError("model.adapter_mode", "merge with adapter.type qlora would fold the adapter into the "
+                                  "4-bit base, rounding its update away (seed 004: merge into an un-quantized base); "
+                                  "fix: adapter_mode: continue, or `tuneforge merge` the adapter into a 16-bit copy "
+                                  "first and set model.name to that folder")
         return self
 
     @model_validator(mode="wrap")

@@ -39,6 +39,10 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     from tuneforge.methods import method_spec
 
     console = console or Console()
+    if recipe.federated is not None:  # rounds of client training on Flower, each client a run of this recipe
+        from tuneforge.federated import train_federated
+
+        return train_federated(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
     if recipe.stages:  # multi-stage: each stage is a run of its own under this run directory
         from tuneforge.stages import train_stages
 
@@ -406,6 +410,9 @@ def save_weights(ctx: RunContext, trainer, model):
         if ctx.spec.family != "reward":
             (model if ctx.spec.family in ("supervised", "preference") else policy).generation_config.save_pretrained(
                 str(weights))
+        from tuneforge.artifacts import make_portable
+
+        make_portable(weights, base_name=ctx.recipe.model.name)
     return policy if ctx.spec.family in ("rl", "distillation") else trainer.model
 
 

@@ -33,8 +33,48 @@ def check_text(value, where: str, field: str, *, allow_empty: bool = False) -> s
     return value
 
 
+def check_tool_calls(calls, where: str, field: str) -> list[dict]:
+    """OpenAI `tool_calls` ([{id, type: function, function: {name, arguments}}]) -> the same list with `arguments` as a
+    mapping: OpenAI writes them as a JSON string, while chat templates (transformers' tool-use format) read a mapping."""
+    import json
+
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"`{field}` must be a non-empty list of tool calls", where=where,
+                        fix='each: {"type": "function", "function": {"name": ..., "arguments": {...} or "<JSON>"}}')
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DataError(f"`{field}[{j}].function.name` is missing", where=where,
+                            fix='each tool call is {"type": "function", "function": {"name": ..., "arguments": ...}}')
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise DataError(f"`{field}[{j}].function.arguments` is not valid JSON ({exc.msg} at character "
+                                f"{exc.pos})", where=where, fix="write the arguments as a JSON object") from None
+        if not isinstance(arguments, dict):
+            raise DataError(f"`{field}[{j}].function.arguments` must be a JSON object", where=where)
+        out.append({**call, "type": call.get("type", "function"), "function": {"name": function["name"],
+                                                                              "arguments": arguments}})
+    return out
+
+
+def check_tools(tools, where: str) -> list[dict]:
+    """The record's `tools` list (OpenAI / transformers JSON-schema function definitions), passed to the chat template."""
+    ok = isinstance(tools, list) and all(isinstance(t, dict) and isinstance(t.get("function", t).get("name"), str)
+                                         for t in tools)
+    if not ok:
+        raise DataError("`tools` must be a list of function definitions", where=where,
+                        fix='each: {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}')
+    return tools
+
+
 def check_messages(messages, where: str, field: str, *, content_key: str = "content") -> list[dict]:
-    """Validate role/content messages; `content_key` is the key as the user's file spells it (ShareGPT: value)."""
+    """Validate role/content messages; `content_key` is the key as the user's file spells it (ShareGPT: value).
+    OpenAI's chat fine-tuning extras are kept: an assistant turn's `tool_calls` (its content may then be null), a tool
+    turn's `tool_call_id` / `name`, and `weight` (0 or 1) on an assistant turn (0: the turn is context, no loss)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"`{field}` must be a non-empty list of messages", where=where)
     out = []
@@ -47,12 +87,35 @@ def check_messages(messages, where: str, field: str, *, content_key: str = "cont
                             fix=f"use one of {sorted(ROLES)}")
         content = message.get("content")
         name = f"{field}[{i}].{content_key}"
-        if role == "assistant":
+        extra = {}
+        if message.get("tool_calls") is not None:
+            if role != "assistant":
+                raise DataError(f"`{field}[{i}].tool_calls` is on a {role} message", where=where,
+                                fix="only assistant messages make tool calls")
+            extra["tool_calls"] = check_tool_calls(message["tool_calls"], where, f"{field}[{i}].tool_calls")
+            content = check_text(content, where, name, allow_empty=True)  # null content: the turn is only the call
+        elif role == "assistant":
             content = check_text(content, where, name)  # an empty answer teaches nothing but silence
         else:
             content = check_text(content, where, name, allow_empty=(role == "system"))
-        out.append({"role": role, "content": content})
+        if role == "tool":
+            extra.update({k: message[k] for k in ("tool_call_id", "name") if isinstance(message.get(k), str)})
+        if "weight" in message:
+            weight = message["weight"]
+            if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
+                raise DataError(f"`{field}[{i}].weight` is {weight!r} on a {role} message", where=where,
+                                fix="weight is 0 (no loss on this assistant turn) or 1 (loss), on assistant messages only")
+            extra["weight"] = int(weight)
+        out.append({"role": role, "content": content, **extra})
     return out
+
+
+def message_text(message: dict) -> str:
+    """What a message says, tool calls included (for duplicate and overlap checks)."""
+    import json
+
+    calls = message.get("tool_calls")
+    return message["content"] + (json.dumps(calls, sort_keys=True) if calls else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,8 +151,13 @@ class FormatTable:
         for fmt in self.formats:
             if set(fmt.keys) <= keys:
                 return fmt.name
+        fix = self.fix
+        if self.what == "data" and {"chosen", "rejected"} <= keys:
+            fix = ("these are preference pairs (chosen/rejected, e.g. Anthropic HH-RLHF or UltraFeedback): train them "
+                   "with a preference method (method: dpo, orpo, simpo, kto...), or for SFT write the chosen "
+                   "conversations as {\"messages\": [...]}")
         raise DataError(f"cannot tell the {self.what} format from the keys {sorted(keys)}", where=record.where,
-                        fix=self.fix)
+                        fix=fix)
 
     def read(self, record: Record, name: str) -> dict:
         fmt = self.get(name)
@@ -121,11 +189,17 @@ def _conversation(messages: list[dict], where: str) -> dict:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("the conversation has no assistant turn, so there is nothing to learn", where=where,
                         fix="add the assistant's answer, or drop the example")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
+        raise DataError("every assistant turn has weight 0, so there is nothing to learn", where=where,
+                        fix="set weight 1 on the turn(s) to learn, or drop the example")
     return {"messages": messages, "where": where}
 
 
 def read_messages(record: Record) -> dict:
-    return _conversation(check_messages(record.data["messages"], record.where, "messages"), record.where)
+    example = _conversation(check_messages(record.data["messages"], record.where, "messages"), record.where)
+    if record.data.get("tools") is not None:  # OpenAI function-calling data: rendered by the chat template
+        example["tools"] = check_tools(record.data["tools"], record.where)
+    return example
 
 
 def read_sharegpt(record: Record) -> dict:
@@ -157,9 +231,12 @@ def read_prompt_completion(record: Record) -> dict:
     data, where = record.data, record.where
     prompt, completion = data["prompt"], data["completion"]
     if not isinstance(prompt, list):
+        # TRL's plain-text layout continues the prompt: " Paris." keeps its leading space for a model without a chat
+        # template (raw_completion); inside a chat answer that space would be learned as the answer's first token.
+        completion = check_text(completion, where, "completion")
         messages = [{"role": "user", "content": check_text(prompt, where, "prompt")},
-                    {"role": "assistant", "content": check_text(completion, where, "completion")}]
-        return {"messages": messages, "raw_prompt_completion": True, "where": where}
+                    {"role": "assistant", "content": completion.lstrip()}]
+        return {"messages": messages, "raw_prompt_completion": True, "raw_completion": completion, "where": where}
     prompt = check_messages(prompt, where, "prompt")
     completion = check_messages(completion, where, "completion")
     if not any(m["role"] == "assistant" for m in completion):

@@ -5,6 +5,8 @@ Formats (detected from the keys, or set with data.format):
                the prompt's messages + chosen/rejected holding only the answer turn(s), or UltraFeedback-style
                full conversations in chosen/rejected that share the prompt (no `prompt` key, or a prompt that is
                their common prefix): the shared leading turns become the prompt.
+               Anthropic HH-RLHF: chosen/rejected as single strings of "\n\nHuman: ..." / "\n\nAssistant: ..."
+               turns, read as full conversations.
   kto          {"prompt", "completion", "label"} (unpaired; label true = desirable), strings or message lists.
 
 Each pair is checked: chosen and rejected non-empty and different (a DataError with file:line otherwise).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 from tuneforge.data.formats import Format, FormatTable, check_messages, check_text
@@ -31,7 +34,27 @@ from tuneforge.errors import DataError
 def _as_messages(value, where: str, field_name: str, role: str) -> list[dict]:
     if isinstance(value, list):
         return check_messages(value, where, field_name)
-    return [{"role": role, "content": check_text(value, where, field_name)}]
+    text = check_text(value, where, field_name)
+    # TRL's plain-text layout continues the prompt (" blue."); as a chat answer the leading space would be learned.
+    return [{"role": role, "content": text.lstrip() if role == "assistant" else text}]
+
+
+# Anthropic HH-RLHF writes a whole conversation as one string: "\n\nHuman: ...\n\nAssistant: ...".
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ")
+
+
+def is_hh_text(value) -> bool:
+    return isinstance(value, str) and bool(re.match(r"\s*(Human|Assistant): ", value)) and "Assistant: " in value
+
+
+def hh_messages(text: str, where: str, field_name: str) -> list[dict]:
+    """An HH-RLHF conversation string -> messages (Human -> user, Assistant -> assistant)."""
+    parts = HH_TURN.split("\n\n" + text.lstrip())
+    if parts[0].strip():
+        raise DataError(f"`{field_name}` has text before its first Human:/Assistant: turn", where=where)
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+             for who, said in zip(parts[1::2], parts[2::2])]
+    return check_messages(turns, where, field_name)
 
 
 def _split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> int:
@@ -50,6 +73,9 @@ def canonical_pair(record: Record) -> dict:
         value = data[key]
         if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value):
             raise DataError(f"`{key}` is empty", where=where, fix="every pair needs a non-empty chosen and rejected answer")
+    if data.get("prompt") is None and is_hh_text(data["chosen"]) and is_hh_text(data["rejected"]):
+        data = {**data, "chosen": hh_messages(data["chosen"], where, "chosen"),
+                "rejected": hh_messages(data["rejected"], where, "rejected")}
     chosen = _as_messages(data["chosen"], where, "chosen", "assistant")
     rejected = _as_messages(data["rejected"], where, "rejected", "assistant")
     prompt_value = data.get("prompt")

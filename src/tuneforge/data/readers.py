@@ -92,13 +92,20 @@ def _read_csv(path: Path, limit: int | None) -> list[Record]:
     csv.field_size_limit(2**31 - 1)  # a long example is data, not an error (the default limit is 128 KiB)
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            # A quoted cell may span lines: a record is located at its first (non-blank) line, not where it ends.
+            starts: list[int] = []
+            numbered = _note_record_starts(handle, starts)
+            reader = csv.DictReader(numbered)
+            _ = reader.fieldnames  # reads the header line(s)
+            starts.clear()
             for row in reader:
+                where = f"{path}:{starts[-1] if starts else reader.line_num}"
+                starts.clear()
                 if None in row:  # more cells than the header has columns
                     raise DataError(f"{len(reader.fieldnames or []) + len(row[None])} cells, but the header has "
-                                    f"{len(reader.fieldnames or [])} columns", where=f"{path}:{reader.line_num}",
+                                    f"{len(reader.fieldnames or [])} columns", where=where,
                                     fix="quote cells that contain commas, or fix the header")
-                records.append(Record(dict(row), f"{path}:{reader.line_num}"))
+                records.append(Record(dict(row), where))
                 if limit and len(records) >= limit:
                     break
     except UnicodeDecodeError:
@@ -106,6 +113,17 @@ def _read_csv(path: Path, limit: int | None) -> list[Record]:
     except csv.Error as exc:
         raise DataError(f"malformed CSV: {exc}", where=str(path), fix="check quoting and line endings") from None
     return records
+
+
+def _note_record_starts(handle, starts: list[int]):
+    """The file's lines; when `starts` is empty (the caller clears it after each record), the number of the next
+    non-blank line outside a quoted cell is put in it: where the next record begins."""
+    in_quotes = False
+    for number, line in enumerate(handle, start=1):
+        if not in_quotes and line.strip() and not starts:
+            starts.append(number)
+        in_quotes ^= line.count('"') % 2 == 1  # an odd number of quotes opens or closes a multi-line cell
+        yield line
 
 
 def _read_parquet(path: Path, limit: int | None) -> list[Record]:

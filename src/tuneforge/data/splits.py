@@ -8,6 +8,8 @@ import hashlib
 import json
 from typing import Callable
 
+from tuneforge.data.formats import message_text
+
 
 def normal_text(text: str) -> str:
     """Case folded, every run of whitespace (spaces, tabs, newlines) one space, none at the ends."""
@@ -19,7 +21,7 @@ def example_hash(example: dict) -> str:
     if "text" in example:
         content = normal_text(example["text"])
     else:
-        content = [(m["role"], normal_text(m["content"])) for m in example["messages"]]
+        content = [(m["role"], normal_text(message_text(m))) for m in example["messages"]]
     normal = json.dumps(content, ensure_ascii=False)
     return hashlib.sha256(normal.encode("utf-8")).hexdigest()
 

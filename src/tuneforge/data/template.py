@@ -34,7 +34,8 @@ class Tokenized:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool, where: str = "") -> str:
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool, where: str = "",
+                tools: list[dict] | None = None) -> str:
     if not tokenizer.chat_template:
         raise ModelError(
             "chat-format data needs a chat template, and this model's tokenizer has none",
@@ -42,23 +43,27 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool,
             fix="set model.chat_template to a Jinja template (or a .jinja file), or use a chat/instruct model",
         )
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja2 raises TemplateError subclasses, templates may raise their own messages
         raise DataError(f"the chat template refused this conversation: {exc}", where=where,
                         fix="check the role order the template expects (e.g. user/assistant alternation)") from None
 
 
-def assistant_spans(tokenizer, messages: list[dict], where: str = "", *, first_loss_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, messages: list[dict], where: str = "", *, first_loss_turn: int = 0,
+                    tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of each assistant turn (content + end-of-turn marker).
-    Assistant turns before `first_loss_turn` (the prompt of a prompt/completion example) get no span."""
-    full = render_chat(tokenizer, messages, add_generation_prompt=False, where=where)
+    Assistant turns before `first_loss_turn` (the prompt of a prompt/completion example) and turns with weight 0
+    (OpenAI's per-message weight) get no span."""
+    full = render_chat(tokenizer, messages, add_generation_prompt=False, where=where, tools=tools)
+    check_tools_rendered(full, messages, tools, where)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < first_loss_turn:
+        if message["role"] != "assistant" or i < first_loss_turn or message.get("weight", 1) == 0:
             continue
-        upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where)
+        upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where, tools=tools)
         if i:
-            before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where)
+            before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where, tools=tools)
         else:
             # An opening assistant turn: what precedes it is whatever the template puts before any message (a
             # default system prompt, BOS, the assistant header). Never "": that would put all of it under the loss.
@@ -84,6 +89,20 @@ def assistant_spans(tokenizer, messages: list[dict], where: str = "", *, first_l
         if end > len(before):
             spans.append((len(before), end))
     return full, spans
+
+
+def check_tools_rendered(text: str, messages: list[dict], tools: list[dict] | None, where: str) -> None:
+    """A chat template that ignores `tools` / `tool_calls` would train the model on the text alone, silently: every
+    tool's and tool call's function name (and every tool result) must appear in the rendered conversation."""
+    names = [t.get("function", t)["name"] for t in tools or []]
+    names += [c["function"]["name"] for m in messages for c in m.get("tool_calls") or []]
+    names += [m["content"] for m in messages if m["role"] == "tool" and m["content"].strip()]
+    missing = next((name for name in names if name not in text), None)
+    if missing is not None:
+        raise DataError(f"the chat template drops tool definitions or calls ({missing[:60]!r} does not appear in the "
+                        f"rendered conversation), so the model would learn the text without them", where=where,
+                        fix="set model.chat_template to a template that renders `tools`, `tool_calls` and tool "
+                            "results (transformers' tool-use format; e.g. a Qwen2.5 or Llama 3.1 template)")
 
 
 def label_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -118,8 +137,9 @@ def label_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[lis
     return list(whole_ids), labels
 
 
-def tokenize_chat(tokenizer, messages: list[dict], max_length: int, where: str = "", *, first_loss_turn: int = 0) -> Tokenized:
-    text, spans = assistant_spans(tokenizer, messages, where, first_loss_turn=first_loss_turn)
+def tokenize_chat(tokenizer, messages: list[dict], max_length: int, where: str = "", *, first_loss_turn: int = 0,
+                  tools: list[dict] | None = None) -> Tokenized:
+    text, spans = assistant_spans(tokenizer, messages, where, first_loss_turn=first_loss_turn, tools=tools)
     ids, labels = label_spans(tokenizer, text, spans)
     return _truncate(Tokenized(ids, labels, where=where, spans=spans), max_length)
 
@@ -159,7 +179,7 @@ def raw_prompt_completion(example: dict) -> tuple[str, str]:
     messages = example["messages"]
     system = "\n\n".join(m["content"].strip() for m in messages if m["role"] == "system" and m["content"].strip())
     prompt = next(m["content"] for m in messages if m["role"] == "user")
-    completion = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+    completion = example.get("raw_completion") or next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
     return (f"{system}\n\n{prompt}" if system else prompt), completion
 
 
@@ -200,7 +220,8 @@ def tokenize_example(tokenizer, example: dict, max_length: int) -> Tokenized:
         messages.append({**message, "content": content} if was_cut else message)
         cut = cut or was_cut
     first_loss_turn = len(messages) - example.get("completion_turns", len(messages))
-    return _mark(tokenize_chat(tokenizer, messages, max_length, where, first_loss_turn=first_loss_turn), cut)
+    return _mark(tokenize_chat(tokenizer, messages, max_length, where, first_loss_turn=first_loss_turn,
+                               tools=example.get("tools")), cut)
 
 
 def _mark(item: Tokenized, cut: bool) -> Tokenized:
@@ -216,8 +237,18 @@ def prompt_for_generation(tokenizer, example: dict) -> tuple[str, str]:
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if example.get("raw_prompt_completion") and not tokenizer.chat_template:
         return raw_prompt_completion(example)
-    prompt = render_chat(tokenizer, messages[:last], add_generation_prompt=True, where=example.get("where", ""))
-    return prompt, messages[last]["content"]
+    where, tools = example.get("where", ""), example.get("tools")
+    prompt = render_chat(tokenizer, messages[:last], add_generation_prompt=True, where=where, tools=tools)
+    if not messages[last].get("tool_calls"):
+        return prompt, messages[last]["content"]
+    # A tool-call turn: the reference is the turn as the template writes it (the call's text), end marker excluded.
+    upto = render_chat(tokenizer, messages[: last + 1], add_generation_prompt=False, where=where, tools=tools)
+    answer = upto[len(prompt):].rstrip() if upto.startswith(prompt) else messages[last]["content"]
+    end = end_of_turn_token_id(tokenizer)
+    marker = tokenizer.convert_ids_to_tokens(end) if end is not None else None
+    if marker and answer.endswith(marker):
+        answer = answer[: -len(marker)].rstrip()
+    return prompt, answer
 
 
 def end_of_turn_token_id(tokenizer) -> int | None:

@@ -30,7 +30,7 @@ def few_shot_messages(train_examples: list[dict], k: int, seed: int = 0, *, max_
     """k training examples as alternating user/assistant turns, ready to prepend to a conversation.
 
     Examples are canonical dicts ({"messages": [...]}); plain-text ones and ones that are not user/assistant
-    alternations (tool turns) are skipped. The choice is a seeded random sample, so it is repeatable.
+    alternations (tool turns, tool calls) are skipped. The choice is a seeded random sample, so it is repeatable.
     max_chars: stop adding examples once their text would exceed this many characters (long examples can push
     the real question out of a small context window).
     """
@@ -42,7 +42,8 @@ def few_shot_messages(train_examples: list[dict], k: int, seed: int = 0, *, max_
             continue
         turns = _turns(example)
         roles = [m["role"] for m in turns]
-        if turns and roles == ["user", "assistant"] * (len(roles) // 2) and len(roles) % 2 == 0:
+        with_tools = example.get("tools") or any(m.get("tool_calls") for m in turns)  # its tools are its own
+        if turns and roles == ["user", "assistant"] * (len(roles) // 2) and len(roles) % 2 == 0 and not with_tools:
             usable.append(turns)
     chosen = random.Random(seed).sample(usable, min(k, len(usable)))
     shots: list[dict] = []

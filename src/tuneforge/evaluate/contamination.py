@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from tuneforge.data.formats import message_text
 from tuneforge.data.pipeline import example_hash
 
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
@@ -35,7 +36,7 @@ def _split(example: dict) -> tuple[str, str]:
     messages = example["messages"]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
     prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:last] if m["role"] != "system")
-    answer = messages[last]["content"] if last < len(messages) else ""
+    answer = message_text(messages[last]) if last < len(messages) else ""
     return prompt, answer
 
 

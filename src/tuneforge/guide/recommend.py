@@ -1,7 +1,7 @@
 """`tuneforge recommend`: the seeds' decision tree, as questions (in the terminal or by flags), ending in a ready,
 commented recipe and the reason for each choice.
 
-The tree (seed 003 "the decision tree", seed 001 "choosing a technique", seed 000 step 9):
+The tree (seed 004 "the decision tree", seed 001 "choosing a technique", seed 000 step 9):
 
     what should the model do better?
       know facts from your documents ........... RAG, do not fine-tune
@@ -14,7 +14,7 @@ The tree (seed 003 "the decision tree", seed 001 "choosing a technique", seed 00
       a language/domain the model barely saw ... continued pre-training (CPT) on raw text, then SFT
     then, by memory (tuneforge.guide.plan) and data size:
       full fine-tuning only with 100K+ examples after LoRA fell short and when it fits;
-      LoRA when the bf16 base fits with room for activations; QLoRA when it does not (seed 003);
+      LoRA when the bf16 base fits with room for activations; QLoRA when it does not (seed 004);
       rank, dropout, epochs, batch and learning rate from the seeds' tables by data size.
 
 `recommend(answers)` returns (recipe YAML text or None when the answer is "do not train", reasons). The recipe
@@ -122,11 +122,11 @@ def _approach(answers: dict, reasons: list[str]) -> tuple[str, str | None, str |
     if goal == "knowledge":
         reasons.append("Knowledge that lives in your documents (and changes) belongs in retrieval (RAG), not in the "
                        "weights: fine-tuning teaches behaviour, not reliable facts, and must be redone when the facts "
-                       "change (seed 003: 'know about my company's docs -> use RAG. Do not fine-tune').")
+                       "change (seed 004: 'know about my company's docs -> use RAG. Do not fine-tune').")
         return "rag", None, None
     if goal in ("style", "task") and not answers.get("tried_prompting"):
         reasons.append("Try a system prompt with a few examples first and measure it on held-out prompts: it is free and "
-                       "instant, and fine-tuning is the third thing to try, not the first (seed 003). Come back with "
+                       "instant, and fine-tuning is the third thing to try, not the first (seed 004). Come back with "
                        "--answer tried_prompting=yes when prompts cannot reach your quality bar.")
         return "prompting", None, None
     if goal in ("style", "task"):
@@ -139,7 +139,7 @@ def _approach(answers: dict, reasons: list[str]) -> tuple[str, str | None, str |
         return "sft", "sft", None
     if goal == "domain":
         reasons.append("For a language or domain far from pre-training, continued pre-training (CPT) on raw text comes "
-                       "first, then SFT for the task (seed 003; rare, and only when the domain is truly under-represented).")
+                       "first, then SFT for the task (seed 004; rare, and only when the domain is truly under-represented).")
         return "cpt", "cpt", "sft"
     if goal == "reasoning":
         if answers.get("has_verifier", True):
@@ -280,15 +280,15 @@ def decide(answers: dict) -> Decision:
     gpu = _gpu(answers)
     goal = answers.get("goal", "task")
 
-    # LoRA rank and dropout by data size (seed 000 step 4, seed 003's rank table); reasons added once LoRA is chosen
+    # LoRA rank and dropout by data size (seed 000 step 4, seed 003's rank values); reasons added once LoRA is chosen
     lora_reasons = []
     if goal == "style" or n < 1_000:
         r = 8
         lora_reasons.append(f"LoRA rank 8: {'a style/format change' if goal == 'style' else f'{n:,} examples'} needs "
-                            "little capacity (seed 003: r 4-8 for a small style change or narrow task).")
+                            "little capacity (seed 003: r=4 suits simple stylistic changes).")
     elif n > 50_000:
         r = 32
-        lora_reasons.append(f"LoRA rank 32: {n:,} examples can use more capacity (seed 003: 16-32 covers most cases).")
+        lora_reasons.append(f"LoRA rank 32: {n:,} examples can use more capacity (seed 003: r=16 covers most tasks, r=64 approaches full fine-tuning).")
     else:
         r = 16
         lora_reasons.append("LoRA rank 16, alpha 32: the common default (seed 000 step 4; alpha = 2r keeps the update scale).")
@@ -297,7 +297,7 @@ def decide(answers: dict) -> Decision:
         lora_reasons.append(f"LoRA dropout {dropout}: " + ("guards a small dataset against overfitting" if dropout > 0.05
                                                            else "not needed with this much data") + " (seed 000 step 4).")
 
-    # adapter by memory (seed 003: QLoRA when the fp16 base does not fit with room for activations)
+    # adapter by memory (seed 004: QLoRA when the fp16 base does not fit with room for activations)
     params_b = shape.params_total / 1e9
     if gpu is None:
         adapter = "lora"
@@ -312,7 +312,7 @@ def decide(answers: dict) -> Decision:
         if wants_full and full_fit:
             adapter, fit = "full", full_fit
             reasons.append(f"Full fine-tuning: {n:,} examples and LoRA already fell short, and it fits on the {gpu.name} "
-                           f"(~{full_fit['needed_gib']:.0f} GiB) (seed 003: full FT needs 100K+ examples and a validated "
+                           f"(~{full_fit['needed_gib']:.0f} GiB) (seed 004: full FT needs 100K+ examples and a validated "
                            "LoRA shortfall).")
         elif lora_fit:
             adapter, fit = "lora", lora_fit
@@ -365,7 +365,7 @@ def decide(answers: dict) -> Decision:
     else:
         epochs = 3
         reasons.append(f"3 epochs for a small dataset ({n:,} examples); stop early if the held-out loss turns up "
-                       "(seed 000: with <1K examples more can help, seed 003: 5+ memorises).")
+                       "(seed 000: with <1K examples more can help, seed 004: 5+ memorises).")
     if final_method == "dpo":
         epochs = 1
         reasons.append("1 epoch of DPO: it over-trains quickly (seed 000 step 6).")

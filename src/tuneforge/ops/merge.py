@@ -26,11 +26,12 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 MODEL_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
-def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool = False) -> Path:
+def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool = False, base: str | None = None) -> Path:
+    """The run's adapter folded into its un-quantized base (`base`: the base's location now, if it moved)."""
     from peft import PeftModel
 
     from tuneforge.data.template import align_eos
-    from tuneforge.models import load_base_model, load_tokenizer, resolve_dtype
+    from tuneforge.models import check_base_is_here, load_base_model, load_tokenizer, resolve_dtype
     from tuneforge.recipe import load_recipe
     from tuneforge.run import open_run
 
@@ -42,9 +43,11 @@ def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool
         raise RunDirError(f"{run.path} is a full fine-tuning run; its model/ folder is already a merged checkpoint",
                           fix=f"use {run.weights_dir} directly")
     # Always the un-quantized base, on CPU, in a float dtype.
-    base = load_base_model(recipe.model, quant=None, device="cpu",
-                           dtype=resolve_dtype("float32" if dtype == "auto" else dtype, "cpu"))
-    model = PeftModel.from_pretrained(base, str(run.weights_dir)).merge_and_unload()
+    section = recipe.model.model_copy(update={"name": base}) if base else recipe.model
+    check_base_is_here(section.name, run.path)
+    base_model = load_base_model(section, quant=None, device="cpu",
+                                 dtype=resolve_dtype("float32" if dtype == "auto" else dtype, "cpu"))
+    model = PeftModel.from_pretrained(base_model, str(run.weights_dir)).merge_and_unload()
     tokenizer = load_tokenizer(str(run.weights_dir))
     from transformers import GenerationConfig
 
@@ -52,9 +55,12 @@ def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool
         model.generation_config = GenerationConfig.from_pretrained(str(run.weights_dir))
     align_eos(tokenizer, model)
 
+    from tuneforge.artifacts import make_portable
+
     def write(folder: Path) -> None:
         model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
+        make_portable(folder)
         (folder / MERGED_MARKER).write_text(f"merged from {run.path.resolve()}\n", encoding="utf-8")
 
     return write_folder_atomically(target, write, overwrite=overwrite)

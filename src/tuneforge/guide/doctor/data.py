@@ -137,7 +137,7 @@ def _normalise(text: str) -> str:
 
 
 def check_chat_template(ctx: Context):
-    """Seed 003 "the chat template trap" / seed 000 "wrong chat template": use the model's own template, at train
+    """Seed 004 "the chat template trap" / seed 000 "wrong chat template": use the model's own template, at train
     and inference time; chat data on a model with no template cannot be rendered at all."""
     if ctx.tokenizer is None:
         return

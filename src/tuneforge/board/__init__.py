@@ -1,0 +1,1 @@
+"""tuneforge board: the whole workflow in a web page (local by default)."""

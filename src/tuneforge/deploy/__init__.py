@@ -1,0 +1,1 @@
+"""From a tuned model to production: export (GGUF, Ollama, quantized), combine, serve."""
