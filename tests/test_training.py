@@ -35,7 +35,11 @@ def test_lora_run_directory_and_trainable_count(tmp_path, tiny_model_dir, small_
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     summary = run.read_json("summary.json")
     assert summary["steps"] == 3
-    assert set(summary["metrics"]["exact_match"]) == {"base", "few_shot", "tuned"}
+    assert set(summary["metrics"]["exact_match"]) == {"base", "few_shot", "tuned", "tuned_vs_base", "tuned_vs_few_shot"}
+    versus = summary["metrics"]["exact_match"]["tuned_vs_base"]  # every delta carries its 95% interval
+    assert versus["ci95"][0] <= versus["delta"] <= versus["ci95"][1] and versus["n"] == summary["n_eval"]
+    loss = summary["eval_loss"]
+    assert loss["ci95"][0] <= loss["tuned"] - loss["base"] + 1e-3 and loss["tuned"] - loss["base"] - 1e-3 <= loss["ci95"][1]
     assert {"baseline.json", "few_shot.json", "tuned.json", "forgetting.json", "contamination.json"} <= {
         p.name for p in (run.path / "eval").iterdir()}
     forgetting = run.read_json("eval/forgetting.json")

@@ -13,7 +13,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tuneforge.errors import RecipeError
 from tuneforge.federated.section import FederatedSection
@@ -75,9 +75,33 @@ class ModelSection(_Section):
     )
 
 
+class DataSource(_Section):
+    path: str = Field(..., min_length=1, description="A data file (.jsonl/.json/.csv/.parquet) or a hub dataset name.")
+    weight: float = Field(..., gt=0, description="This source's share of the mix (weights are normalised to sum to 1).")
+
+
 class DataSection(_Section):
-    train: str = Field(..., description="Training data: .jsonl/.json/.csv/.parquet file, or a hub dataset name.")
-    eval: str | None = Field(None, description="Held-out data; when absent, `eval_fraction` is split off by hash.")
+    train: str | list[DataSource] = Field(
+        ..., description="Training data: .jsonl/.json/.csv/.parquet file, or a hub dataset name; or a list of sources "
+        "mixed by share, e.g. [{path: task.jsonl, weight: 0.85}, {path: general.jsonl, weight: 0.15}] (replay of "
+        "general data against forgetting, seed 000: 5-20%; builtin:general-replay names the shipped general set).")
+    eval: str | list[DataSource] | None = Field(
+        None, description="Held-out data (a file, or sources with weights as for train); when absent, `eval_fraction` "
+        "is split off each training source by hash.")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _sources_listed(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list of sources; give a file, or sources like [{path: a.jsonl, weight: 1}]")
+        return value
+
+    def sources(self, which: str = "train") -> list[DataSource]:
+        """train or eval as a list of sources (a single file is one source of weight 1)."""
+        value = getattr(self, which)
+        if value is None:
+            return []
+        return [DataSource(path=value, weight=1.0)] if isinstance(value, str) else list(value)
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto"] = Field(
         "auto", description="Record format; auto detects it from the keys and says what it found. preference = "
         "prompt/chosen/rejected (strings or message lists, or UltraFeedback-style full conversations); kto = "
@@ -160,6 +184,10 @@ class TrainSection(_Section):
     early_stopping: EarlyStoppingSection | None = Field(
         None, description="Stop when the held-out loss plateaus (needs eval_every); e.g. {patience: 3, min_delta: 0.01}."
     )
+    kl_to_base: float = Field(0.0, ge=0, description="Against forgetting: weight of a per-token KL(tuned || base) term "
+                              "in the loss (LoRA: the adapter-off model is the reference; full: a frozen copy). 0 = off.")
+    ewc: EWCSection | None = Field(None, description="Against forgetting: elastic weight consolidation, e.g. {lambda: "
+                                   "1000, fisher_examples: 64} (Fisher information on the shipped general replay set).")
 
     @field_validator("optimizer")
     @classmethod
@@ -167,6 +195,15 @@ class TrainSection(_Section):
         if value is None or value in _COMMON_OPTIMIZERS:
             return value
         return one_of(value, _optimizer_names(), "optimizer", "known (transformers' OptimizerNames)")
+
+
+class EWCSection(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, populate_by_name=True)
+
+    strength: float = Field(..., alias="lambda", gt=0, description="EWC's lambda: the weight of the penalty on moving "
+                            "parameters that matter for general ability (by their Fisher information).")
+    fisher_examples: int = Field(64, ge=1, le=10000, description="General examples (the shipped replay set) the "
+                                 "diagonal Fisher information is estimated on before training.")
 
 
 class EarlyStoppingSection(_Section):
@@ -197,7 +234,11 @@ class EvalSection(_Section):
 
     few_shot: int = Field(3, ge=0, description="Shots in the prompt-only baseline built from training examples (0: off).")
     forgetting: bool = Field(True, description="Run the shipped general-ability probe before and after training.")
-    forgetting_threshold: float = Field(5.0, gt=0, description="Flag a probe drop larger than this many points.")
+    forgetting_threshold: float = Field(5.0, gt=0, description="Flag a probe drop larger than this many points (and "
+                                        "only when its 95% interval excludes zero).")
+    forgetting_every: int | None = Field(None, gt=0, description="Also run the probe's multiple-choice items every N "
+                                         "optimizer steps during training (seed 000: every 100 or 500), logged as "
+                                         "probe_accuracy and plotted.")
     lm_eval_tasks: list[str] = Field(
         default_factory=list, description="lm-evaluation-harness tasks (e.g. [arc_easy, hellaswag]) scored before and "
         "after training beside the shipped probe, each flagged like it; needs `pip install lm-eval` and the tasks' data.")
@@ -442,6 +483,16 @@ class Recipe(_Section):
             raise KeyedValueError(key, f"method {self.method}: {problem}" if not problem.startswith("method") else problem)
         if self.train.optimizer is None:
             self.train.optimizer = DEFAULT_OPTIMIZER[self.adapter.type]
+        regularizer = "train.kl_to_base" if self.train.kl_to_base else "train.ewc" if self.train.ewc else None
+        if regularizer and spec.family != "supervised":
+            raise KeyedValueError(regularizer, f"is a term in the supervised loss (sft, dft, cpt); method {self.method} "
+                                  f"has its own KL control" + (" (rl.kl_coef / preference.beta)"
+                                                              if spec.family in ("rl", "preference") else ""))
+        mixed = [k for k in ("train", "eval") if isinstance(getattr(self.data, k), list)]
+        if mixed and (spec.data not in ("conversations", "text") or self.federated is not None):
+            raise KeyedValueError(f"data.{mixed[0]}", f"a list of sources (mixing) is read for conversation and text "
+                                  f"methods, not for method {self.method}" + (" with federated" if self.federated else "")
+                                  + "; give one data file")
         if self.train.early_stopping is not None and not self.train.eval_every:
             raise KeyedValueError("train.early_stopping", "needs train.eval_every (how often the held-out loss is measured)")
         if self.model.adapter and self.model.adapter_mode == "continue" and not self.uses_lora:
@@ -483,7 +534,7 @@ class Recipe(_Section):
 
     def stage_recipes(self) -> list[Recipe]:
         """The recipes of a multi-stage run, in order (model.adapter of each later stage is set when it starts)."""
-        base = self._stage_base or {k: v for k, v in self.model_dump(mode="json").items() if k != "stages"}
+        base = self._stage_base or {k: v for k, v in self.model_dump(mode="json", by_alias=True).items() if k != "stages"}
         out = []
         for stage in self.stages or []:
             recipe = Recipe.model_validate(merge_stage(base, stage))
@@ -654,11 +705,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
+# The shipped general replay set (scripts/make_replay.py), usable as a data source by this name.
+GENERAL_REPLAY = "builtin:general-replay"
+
+
 def resolve_path(recipe: Recipe, value: str | None) -> str | None:
     """A data path as written in the recipe: relative to the working directory if it exists there, else to the
     recipe's own folder (so `tuneforge train recipes/x.yaml` works from anywhere in the repo)."""
     if value is None:
         return None
+    if value == GENERAL_REPLAY:
+        return str(Path(__file__).resolve().parent / "assets" / "general" / "replay.jsonl")
     p = Path(value)
     if p.is_absolute() or p.exists():
         return str(p)
@@ -674,4 +731,4 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML (every default filled in), as saved in the run directory."""
     import yaml
 
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)

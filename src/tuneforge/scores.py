@@ -108,7 +108,7 @@ class GenerationScorer(Scorer):
                           f"reward vs the start model")
 
     def after(self, model, trainer) -> dict:
-        from tuneforge.evaluate.baselines import baseline_table
+        from tuneforge.evaluate.baselines import baseline_table, metric_deltas
 
         ctx = self.ctx
         out = {"preference": self.preference_result if self.preference else None}
@@ -116,8 +116,10 @@ class GenerationScorer(Scorer):
         if self.scored and (self.baseline is not None or ctx.spec.family != "distillation"):
             tuned = score_model(model, ctx, ctx.data.eval_examples, label="tuned model")
             ctx.run.write_json("eval/tuned.json", tuned)
-        out["metrics"] = baseline_table({"base": self.baseline, "few_shot": self.few_shot, "tuned": tuned}) \
-            if tuned is not None else {}
+        results = {"base": self.baseline, "few_shot": self.few_shot, "tuned": tuned}
+        out["metrics"] = baseline_table(results) if tuned is not None else {}
+        for name, deltas in (metric_deltas(results) if tuned is not None else {}).items():
+            out["metrics"][name].update(deltas)  # beside base/few_shot/tuned: each delta with its ci95
         out["n_eval"] = tuned["n"] if tuned else 0
         return out
 
@@ -203,6 +205,43 @@ def score_model(model, ctx, examples, *, label: str) -> dict:
     console.print(f"[bold]{label}[/] on {result['n']} held-out examples: {shown}"
                   + (f" ({cut} prompt(s) longer than the model's context kept their last tokens)" if cut else ""))
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The held-out loss per example (supervised runs), for the interval of its before/after delta
+
+
+def held_out_losses(ctx, model, key: str, *, resumed: bool = False) -> list | None:
+    """Each held-out example's [summed loss, loss tokens] under `model` (key: base or tuned), for supervised runs
+    (their eval data is tokenized examples); kept in eval/loss_examples.json so a resumed run keeps its base."""
+    from tuneforge.ranks import is_launched
+
+    data = ctx.data
+    if ctx.spec.family != "supervised" or not getattr(data, "eval", None) or not hasattr(data.eval[0], "labels"):
+        return None
+    if is_launched():  # several processes: the model may be sharded; the loss itself is still measured by the trainer
+        return None
+    saved = (ctx.run.read_json("eval/loss_examples.json", {}) or {}) if ctx.run.is_main else {}
+    if resumed and key in saved:
+        return saved[key]
+    from tuneforge.evaluate.loss import mean_loss
+
+    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+    saved[key] = mean_loss(model, data.eval, batch_size=ctx.recipe.eval.batch_size, pad_token_id=pad,
+                           per_example=True)["per_example"]
+    if ctx.run.is_main:
+        ctx.run.write_json("eval/loss_examples.json", saved)
+    return saved[key]
+
+
+def loss_delta(before: list | None, after: list | None) -> dict:
+    """{"ci95": [low, high]} of the held-out loss delta (tuned - base, token-weighted, paired bootstrap), or {}."""
+    if not before or not after or len(before) != len(after):
+        return {}
+    from tuneforge.evaluate.intervals import paired_ratio_delta
+
+    delta = paired_ratio_delta(before, after)
+    return {"ci95": delta["ci95"]} if delta["ci95"] is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------

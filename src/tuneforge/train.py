@@ -200,8 +200,15 @@ def absolute_paths(recipe: Recipe) -> None:
     """The saved recipe names data files and the reward model by absolute path, so eval/resume work from anywhere."""
     from tuneforge.recipe import resolve_path
 
+    for source in recipe.data.sources("train") + recipe.data.sources("eval"):
+        if isinstance(recipe.data.train, list) or isinstance(recipe.data.eval, list):
+            resolved = resolve_path(recipe, source.path)
+            if resolved and Path(resolved).exists():
+                source.path = str(Path(resolved).resolve())
     for section, key in (("data", "train"), ("data", "eval"), ("rl", "reward_model")):
         value = getattr(getattr(recipe, section), key)
+        if isinstance(value, list):
+            continue
         resolved = resolve_path(recipe, value)
         if value and resolved and Path(resolved).exists():
             setattr(getattr(recipe, section), key, str(Path(resolved).resolve()))
@@ -216,7 +223,8 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
     from transformers import PrinterCallback, set_seed
 
     from tuneforge.adapters import describe_trainable, trainable_parameters
-    from tuneforge.scores import forgetting_summary, probe_after_training, probe_before_training, scorer_for
+    from tuneforge.scores import forgetting_summary, held_out_losses, loss_delta, probe_after_training
+    from tuneforge.scores import probe_before_training, scorer_for
 
     run, recipe, spec, console, tokenizer = ctx.run, ctx.recipe, ctx.spec, ctx.console, ctx.tokenizer
     resumed = checkpoint is not None
@@ -241,6 +249,7 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
     scorer = scorer_for(ctx)
     scorer.before(model, resumed=resumed)
     probe_before = probe_before_training(ctx, model, resumed=resumed) if spec.family != "reward" else None
+    losses_before = held_out_losses(ctx, model, "base", resumed=resumed)
     model = apply_training_adapter(ctx, model, adapter_loaded)
     console.print(describe_trainable(model))
     trainable_params, total_params = trainable_parameters(model)
@@ -288,7 +297,8 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
         "steps": trainer.state.global_step,
         "trainable_params": trainable_params,
         "total_params": total_params,
-        "eval_loss": {"base": base_loss, "tuned": tuned_loss},
+        "eval_loss": {"base": base_loss, "tuned": tuned_loss,
+                      **loss_delta(losses_before, held_out_losses(ctx, policy, "tuned"))},
         "forgetting": forgetting_summary(forgetting),
         "skipped_nonfinite_steps": numerical.skipped,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if ctx.device == "cuda" else None,
@@ -380,6 +390,10 @@ def build_guarded_trainer(ctx: RunContext, model, train_dataset, eval_dataset):
     tensorboard = tensorboard_callback(recipe, run)  # train.report_to: tensorboard -> <run>/tensorboard
     if tensorboard is not None:
         callbacks.append(tensorboard)
+    if recipe.eval.forgetting_every:  # the general probe during training, not only before and after
+        from tuneforge.mitigations import probe_callback
+
+        callbacks.append(probe_callback(ctx, recipe.eval.forgetting_every))
     plateau = None
     if recipe.train.early_stopping is not None:
         from tuneforge.evaluate.early_stopping import PlateauStopping
@@ -439,23 +453,36 @@ def print_summary(console, run: RunDir, summary: dict) -> None:
     def cell(value, digits=1):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    table = Table(title=f"{run.path.name}: held-out results ({summary['n_eval']} examples)")
-    for column in ("", "base", "base few-shot", "tuned", "tuned - base"):
+    from rich.markup import escape
+
+    from tuneforge.evaluate.intervals import format_delta
+
+    table = Table(title=f"{run.path.name}: held-out results ({summary['n_eval']} examples)",
+                  caption="\\[brackets]: 95% interval of the difference over the same examples (paired bootstrap)")
+    for column in ("", "base", "base few-shot", "tuned", "tuned - base", "tuned - few-shot"):
         table.add_column(column, justify="right")
     for name, values in summary["metrics"].items():
         base, few, tuned = values.get("base"), values.get("few_shot"), values.get("tuned")
         delta = f"{tuned - base:+.1f}" if base is not None and tuned is not None else ""
-        table.add_row(name, cell(base), cell(few), cell(tuned), delta)
+        versus = f"{tuned - few:+.1f}" if few is not None and tuned is not None else ""
+        if values.get("tuned_vs_base"):
+            delta = format_delta(values["tuned_vs_base"])
+        if values.get("tuned_vs_few_shot"):
+            versus = format_delta(values["tuned_vs_few_shot"])
+        table.add_row(escape(name), cell(base), cell(few), cell(tuned), escape(delta), escape(versus))
     losses = summary["eval_loss"]
     if losses["tuned"] is not None:
         base = losses["base"]
-        table.add_row("eval loss", cell(base, 4), "", cell(losses["tuned"], 4),
-                      f"{losses['tuned'] - base:+.4f}" if base is not None else "")
+        delta = f"{losses['tuned'] - base:+.4f}" if base is not None else ""
+        if losses.get("ci95"):
+            delta += f" [{losses['ci95'][0]:+.4f}, {losses['ci95'][1]:+.4f}]"
+        table.add_row("eval loss", cell(base, 4), "", cell(losses["tuned"], 4), escape(delta), "")
     forgetting = summary.get("forgetting")
     if forgetting:
         acc = forgetting.get("accuracy", {})
+        shown = format_delta(acc) if acc.get("ci95") else f"{acc.get('delta', 0):+.1f}"
         table.add_row("general probe %", cell(acc.get("before")), "", cell(acc.get("after")),
-                      f"{acc.get('delta', 0):+.1f}" + (" [red]FLAG[/]" if forgetting["flagged"] else ""))
+                      escape(shown) + (" [red]FLAG[/]" if forgetting["flagged"] else ""), "")
     console.print(table)
     if forgetting and forgetting["flagged"]:
         console.print(f"[bold red]forgetting:[/] {forgetting['message']}")

@@ -56,21 +56,38 @@ def prepare_data(recipe, tokenizer, *, resolve=None) -> PreparedData:
 
         return prepare_preference_data(recipe, tokenizer, resolve)
     fmt = "text" if kind == "text" and data.format == "auto" else data.format
-    train_examples, detected = load_examples(resolve(data.train), fmt, split=data.split, limit=data.max_examples,
-                                             system_prompt=data.system_prompt)
-    stats = DataStats(format=detected, max_length=recipe.train.max_length)
-    if kind == "conversations" and detected == "text":
-        raise DataError(f"method {recipe.method} needs prompts and answers, but the data is plain text", where="data.format",
-                        fix="use method: cpt for plain text, or give messages / prompt+completion data")
-    if data.dedup:
-        train_examples, stats.duplicates_removed = dedup(train_examples)
-    if data.eval:
-        eval_examples, _ = load_examples(resolve(data.eval), detected, split="test", system_prompt=data.system_prompt)
+    stats = DataStats(max_length=recipe.train.max_length)
+    train_parts, eval_parts, formats = [], [], []
+    for source in data.sources("train"):  # one file, or several mixed by share (data/mixing.py)
+        examples, detected = load_examples(resolve(source.path), fmt, split=data.split, limit=data.max_examples,
+                                           system_prompt=data.system_prompt)
+        if kind == "conversations" and detected == "text":
+            raise DataError(f"method {recipe.method} needs prompts and answers, but {source.path} is plain text",
+                            where="data.format", fix="use method: cpt for plain text, or give messages / "
+                                                     "prompt+completion data")
+        formats.append(detected)
         if data.dedup:
-            eval_examples, _ = dedup(eval_examples)
+            examples, removed = dedup(examples)
+            stats.duplicates_removed += removed
+        if not data.eval:
+            examples, held_out = hash_split(examples, data.eval_fraction)
+            eval_parts.append((source.path, source.weight, held_out))
+        train_parts.append((source.path, source.weight, examples))
+    if "text" in formats and len(set(formats)) > 1:
+        raise DataError(f"the sources mix plain text with conversations ({', '.join(formats)})", where="data.train",
+                        fix="mix sources of one kind: all conversations (any chat format) or all plain text")
+    stats.format = "+".join(dict.fromkeys(formats))
+    if data.eval:
+        for source in data.sources("eval"):
+            examples, _ = load_examples(resolve(source.path), formats[0] if fmt == "auto" else fmt, split="test",
+                                        system_prompt=data.system_prompt)
+            eval_parts.append((source.path, source.weight, dedup(examples)[0] if data.dedup else examples))
     else:
-        train_examples, eval_examples = hash_split(train_examples, data.eval_fraction)
         stats.eval_split_from_train = True
+    train_examples, stats.sources = _combine(train_parts, recipe.train.seed)
+    eval_examples, eval_sources = _combine(eval_parts, recipe.train.seed, mixed=isinstance(data.eval, list))
+    if stats.sources:
+        stats.sources = {"train": stats.sources, "eval": eval_sources}
     train_hashes = {example_hash(e) for e in train_examples}
     stats.overlap_train_eval = sum(example_hash(e) in train_hashes for e in eval_examples)
 
@@ -87,6 +104,18 @@ def prepare_data(recipe, tokenizer, *, resolve=None) -> PreparedData:
     stats.train_tokens = sum(len(t.input_ids) for t in train)
     stats.loss_tokens = sum(t.loss_tokens for t in train)
     return PreparedData(train, evaluation, train_examples, eval_examples, stats)
+
+
+def _combine(parts: list, seed: int, *, mixed: bool = True) -> tuple[list[dict], list[dict] | None]:
+    """One source: its examples as they are. Several: mixed by share (or, mixed=False, held-out parts joined whole)."""
+    if len(parts) == 1:
+        return parts[0][2], None
+    if not mixed:
+        return [dict(e, source=name) for name, _, examples in parts for e in examples], \
+            [{"path": name, "used": len(examples)} for name, _, examples in parts]
+    from tuneforge.data.mixing import mix
+
+    return mix(parts, seed=seed)
 
 
 def to_dataset(items: list[Tokenized]):

@@ -21,6 +21,7 @@ class DataStats:
     dropped_no_loss: int = 0
     overlap_train_eval: int = 0
     max_length: int = 0
+    sources: dict | None = None  # several data sources: each one's share and counts (data/mixing.py)
 
     @property
     def truncated_pct(self) -> float:

@@ -82,6 +82,34 @@ def few_shot_examples(eval_examples: list[dict], train_examples: list[dict], k: 
     return [with_few_shot(e, shots, as_text=as_text) if "messages" in e else e for e in eval_examples]
 
 
+# The comparisons every run reports, each with a 95% interval: (name, system, against).
+COMPARISONS = (("tuned_vs_base", "tuned", "base"), ("tuned_vs_few_shot", "tuned", "few_shot"))
+
+
+def per_example_scores(result: dict | None, metric: str) -> list[float] | None:
+    """One metric's per-example scores (0-100, in example order) from an evaluate_generation result, or None where
+    the metric has none (corpus-level metrics such as macro-F1, pass@k)."""
+    samples = (result or {}).get("samples") or []
+    values = [s.get("scores", {}).get(metric) for s in samples]
+    if not values or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
+        return None
+    return [100.0 * v for v in values]
+
+
+def metric_deltas(results: dict[str, dict | None]) -> dict[str, dict[str, dict]]:
+    """{metric: {"tuned_vs_base": {"delta", "ci95", "p_value", "n", "method"}, "tuned_vs_few_shot": ...}}: each
+    comparison of two systems scored on the same held-out examples, with its paired-bootstrap 95% interval."""
+    from tuneforge.evaluate.intervals import paired_delta
+
+    out: dict[str, dict[str, dict]] = {}
+    for name in baseline_table(results):
+        for key, system, against in COMPARISONS:
+            after, before = per_example_scores(results.get(system), name), per_example_scores(results.get(against), name)
+            if after is not None and before is not None and len(after) == len(before):
+                out.setdefault(name, {})[key] = paired_delta(before, after)
+    return out
+
+
 def baseline_table(results: dict[str, dict | None]) -> dict[str, dict[str, float | None]]:
     """{"base": result, "few_shot": result, "tuned": result} (each as evaluate_generation returns, or None)
     -> {metric: {"base": %, "few_shot": %, "tuned": %}} for every metric any of them has."""

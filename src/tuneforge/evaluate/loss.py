@@ -19,12 +19,13 @@ def _fields(example) -> tuple[list[int], list[int]]:
 
 
 def mean_loss(model, examples, *, batch_size: int = 8, pad_token_id: int = 0, progress=None,
-              description: str = "held-out loss") -> dict:
+              description: str = "held-out loss", per_example: bool = False) -> dict:
     """Token-weighted mean cross-entropy of next-token prediction where labels != -100.
 
     examples: Tokenized items (tuneforge.data.template) or dicts with input_ids and labels (labels default to
     input_ids: every token counts, as for plain text).
     -> {"loss": mean nats per token, "perplexity": exp(loss), "tokens": loss-carrying tokens, "examples": n}
+    per_example: also "per_example": [[summed loss, tokens], ...] in the examples' order (for paired intervals).
     """
     import torch
 
@@ -33,6 +34,7 @@ def mean_loss(model, examples, *, batch_size: int = 8, pad_token_id: int = 0, pr
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    rows: dict[int, list[float]] = {}
     task = progress.add_task(description, total=len(items)) if progress is not None else None
     was_training = model.training
     model.eval()
@@ -56,11 +58,19 @@ def mean_loss(model, examples, *, batch_size: int = 8, pad_token_id: int = 0, pr
                 picked = logits[:, :-1][keep].float()
                 total += torch.nn.functional.cross_entropy(picked, target[keep], reduction="sum").item()
                 count += int(keep.sum())
+            if per_example:
+                flat = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
+                                                         ignore_index=IGNORE_INDEX, reduction="none")
+                for row, index in enumerate(order[start : start + batch_size]):
+                    rows[index] = [float(flat[row].sum()), int(keep[row].sum())]
             if task is not None:
                 progress.advance(task, len(batch))
     finally:
         if was_training:
             model.train()
     loss = total / count if count else float("nan")
-    return {"loss": loss, "perplexity": math.exp(loss) if count and loss < 700 else float("inf") if count else float("nan"),
-            "tokens": count, "examples": len(items)}
+    result = {"loss": loss, "perplexity": math.exp(loss) if count and loss < 700 else float("inf") if count else float("nan"),
+              "tokens": count, "examples": len(items)}
+    if per_example:
+        result["per_example"] = [rows[i] for i in range(len(items))]
+    return result

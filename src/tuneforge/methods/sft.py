@@ -28,7 +28,10 @@ def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks, **config):
                   dataset_num_proc=None, **config)
     fields.update(speed.sft_arguments(recipe))  # padding-free micro-batches
     args = SFTConfig(**common_arguments(recipe, run, device), **fields)
-    return SFTTrainer(
+    from tuneforge import mitigations
+
+    trainer_cls = mitigations.regularized(SFTTrainer) if mitigations.wanted(recipe) else SFTTrainer
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -36,6 +39,9 @@ def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks, **config):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if mitigations.wanted(recipe):  # train.kl_to_base / train.ewc: terms added to the SFT loss
+        mitigations.configure(trainer, ctx, trainer.model)
+    return trainer
 
 
 # Learning rates: seed 000 steps 3-5 and "common mistakes": 2e-4 LoRA/QLoRA, 2e-5 full fine-tuning.

@@ -31,7 +31,7 @@ table { border-collapse: collapse; width: 100%; font-size: 13px; }
 th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
 th { background: var(--soft); font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.pos { color: var(--good); } .neg { color: var(--bad); }
+.pos { color: var(--good); } .neg { color: var(--bad); } .ci { color: var(--muted, #777); font-size: 0.85em; }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600; }
 .badge.ok { background: #e6f4ea; color: var(--good); } .badge.bad { background: #fdecea; color: var(--bad); }
 .badge.warn { background: #fdf3e1; color: var(--warn); } .badge.info { background: #e8f0fe; color: var(--accent); }
@@ -66,12 +66,19 @@ def fmt(value, digits: int = 1, suffix: str = "") -> str:
     return f"{value}{suffix}"
 
 
-def delta_cell(value, digits: int = 1, *, lower_is_better: bool = False) -> str:
+def delta_cell(value, digits: int = 1, *, lower_is_better: bool = False, ci: list | None = None) -> str:
+    """A delta; with its 95% interval `ci` it is shown beside it and coloured only when the interval excludes zero
+    (a difference the data cannot tell from noise stays grey)."""
     if value is None:
         return '<td class="num">–</td>'
     good = value < 0 if lower_is_better else value > 0
     css = "pos" if good and abs(value) > 1e-12 else ("neg" if abs(value) > 1e-12 else "")
-    return f'<td class="num {css}">{value:+.{digits}f}</td>'
+    if ci is None:
+        return f'<td class="num {css}">{value:+.{digits}f}</td>'
+    if ci[0] <= 0 <= ci[1]:
+        css = ""
+    interval = f'<span class="ci">[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]</span>'
+    return f'<td class="num {css}">{value:+.{digits}f} {interval}</td>'
 
 
 def image(path: Path, alt: str, caption: str = "", wide: bool = False) -> str:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tuneforge.evaluate.baselines import BASELINE_TITLES, BASELINES
+from tuneforge.evaluate.intervals import is_real_gain
 from tuneforge.report.html import CSS, card, delta_cell, duration, esc, fmt, image, status_badge
 from tuneforge.report.plots import make_plots
 from tuneforge.report.rundir import RunData, load_run, read_json
@@ -63,13 +64,16 @@ def _results_section(data: RunData) -> str:
     head += '<th class="num">tuned − few-shot</th>' if "few_shot" in present and "tuned" in present else ""
     body = []
     for name, values in table.items():
+        deltas = (data.summary.get("metrics") or {}).get(name) or {}
         cells = "".join(f'<td class="num">{fmt(values.get(k))}</td>' for k in present)
         if "base" in present and "tuned" in present:
             both = values.get("tuned") is not None and values.get("base") is not None
-            cells += delta_cell(values["tuned"] - values["base"] if both else None)
+            cells += delta_cell(values["tuned"] - values["base"] if both else None,
+                                ci=(deltas.get("tuned_vs_base") or {}).get("ci95"))
         if "few_shot" in present and "tuned" in present:
             both = values.get("tuned") is not None and values.get("few_shot") is not None
-            cells += delta_cell(values["tuned"] - values["few_shot"] if both else None)
+            cells += delta_cell(values["tuned"] - values["few_shot"] if both else None,
+                                ci=(deltas.get("tuned_vs_few_shot") or {}).get("ci95"))
         body.append(f"<tr><td>{esc(name)} (%)</td>{cells}</tr>")
     for label, transform, digits in (("held-out loss", lambda v: v, 4), ("perplexity", _perplexity, 2)):
         if any(losses.get(k) is not None for k in present):
@@ -77,19 +81,31 @@ def _results_section(data: RunData) -> str:
             cells = "".join(f'<td class="num">{fmt(values[k], digits)}</td>' for k in present)
             if "base" in present and "tuned" in present:
                 both = values.get("tuned") is not None and values.get("base") is not None
-                cells += delta_cell(values["tuned"] - values["base"] if both else None, digits, lower_is_better=True)
+                ci = (data.summary.get("eval_loss") or {}).get("ci95") if label == "held-out loss" else None
+                cells += delta_cell(values["tuned"] - values["base"] if both else None, digits, lower_is_better=True,
+                                    ci=ci)
             if "few_shot" in present and "tuned" in present:
                 both = values.get("tuned") is not None and values.get("few_shot") is not None
                 cells += delta_cell(values["tuned"] - values["few_shot"] if both else None, digits, lower_is_better=True)
             body.append(f"<tr><td>{label}</td>{cells}</tr>")
     n = data.summary.get("n_eval") or next((r.get("n") for r in data.evals.values() if r.get("n")), None)
     note = f"on {n} held-out examples" if n else ""
+    if any("tuned_vs_base" in ((data.summary.get("metrics") or {}).get(k) or {}) for k in table):
+        note += "; [brackets]: 95% interval of the difference (paired bootstrap over examples); a difference is " \
+                "coloured only when its interval excludes zero"
     few = data.evals.get("few_shot", {}).get("shots")
     if few:
         note += f"; the few-shot baseline shows the base model {few} training examples first"
     verdict = ""
     for name, values in table.items():
-        if values.get("few_shot") is not None and values.get("tuned") is not None and values["few_shot"] >= values["tuned"]:
+        versus = ((data.summary.get("metrics") or {}).get(name) or {}).get("tuned_vs_few_shot")
+        if versus is not None and not is_real_gain(versus):
+            verdict = (f'<p class="note"><span class="badge warn">note</span> on {esc(name)} the tuned model is not '
+                       f"clearly better than the prompt-only baseline (the interval of the difference reaches zero "
+                       f"or below): a prompt may be all this task needs.</p>")
+            break
+        if versus is None and values.get("few_shot") is not None and values.get("tuned") is not None \
+                and values["few_shot"] >= values["tuned"]:
             verdict = (f'<p class="note"><span class="badge warn">note</span> on {esc(name)} the prompt-only baseline '
                        f"matches or beats the tuned model: a prompt may be all this task needs.</p>")
             break

@@ -148,7 +148,7 @@ def _detect_format(recipe) -> str | None:
         from tuneforge.data.pipeline import load_examples
         from tuneforge.recipe import resolve_path
 
-        _, fmt = load_examples(resolve_path(recipe, recipe.data.train), recipe.data.format, split=recipe.data.split, limit=50)
+        _, fmt = load_examples(resolve_path(recipe, recipe.data.sources("train")[0].path), recipe.data.format, split=recipe.data.split, limit=50)
         return fmt
     except Exception:
         return None
