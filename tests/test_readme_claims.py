@@ -50,6 +50,7 @@ def test_early_stopping_through_a_recipe(tmp_path, tiny_model_dir, small_sft_fil
     assert run.status == "completed"
     stopped = run.read_json("eval/early_stopping.json")
     assert stopped["stopped_at_step"] == 2, stopped
+    assert stopped["best_step"] == 1 and stopped["restored"].endswith("checkpoint-1")  # the best weights, not the last
     assert max(r["step"] for r in read_metrics(run.path) if "step" in r) == 2
 
 

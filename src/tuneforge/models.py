@@ -49,7 +49,19 @@ def embedded_gguf_path() -> Path:
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
     """Dequantize a GGUF model into an ordinary checkpoint at `target` (written atomically: a temporary folder
-    renamed at the end, so an interrupted conversion never leaves a half checkpoint behind)."""
+    renamed at the end, so an interrupted conversion never leaves a half checkpoint behind). Several processes
+    asking at once (parallel test workers, a launcher's ranks) take turns on a lock; the later ones find it done."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        return _convert_gguf(gguf_path, target)
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()

@@ -112,6 +112,11 @@ class DataSection(_Section):
     system_prompt: str | None = Field(None, description="System message added to chat examples that have none.")
     max_examples: int | None = Field(None, gt=0, description="Use only the first N training examples (quick trials).")
     split: str = Field("train", description="Split to read when `train` is a hub dataset name.")
+    order: str = Field("shuffle", min_length=1, description="Order of training examples: shuffle (random each epoch) | "
+                       "length (shortest first) | the name of a numeric field of each record (ascending: a curriculum "
+                       "from easy to hard, seed 000 step 13; doctor warns for general SFT).")
+    eval_split: str = Field("test", description="Split to read when `eval` is a hub dataset name (e.g. test_sft for "
+                            "ultrachat_200k, test_prefs for ultrafeedback_binarized).")
 
 
 MAX_LORA_RANK = 4096  # a rank above every layer's size adapts nothing more than full fine-tuning; doctor checks the model's
@@ -488,6 +493,11 @@ class Recipe(_Section):
             raise KeyedValueError(regularizer, f"is a term in the supervised loss (sft, dft, cpt); method {self.method} "
                                   f"has its own KL control" + (" (rl.kl_coef / preference.beta)"
                                                               if spec.family in ("rl", "preference") else ""))
+        if self.data.order != "shuffle" and self.train.packing:
+            raise KeyedValueError("data.order", "a curriculum needs examples in order, and packing regroups them by "
+                                  "length; set train.packing: false, or data.order: shuffle")
+        if self.data.order != "shuffle" and spec.data not in ("conversations", "text"):
+            raise KeyedValueError("data.order", f"is read for conversation and text methods, not method {self.method}")
         mixed = [k for k in ("train", "eval") if isinstance(getattr(self.data, k), list)]
         if mixed and (spec.data not in ("conversations", "text") or self.federated is not None):
             raise KeyedValueError(f"data.{mixed[0]}", f"a list of sources (mixing) is read for conversation and text "

@@ -282,6 +282,11 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
                       f"Continue with: tuneforge train --resume {run.path}")
         return run
 
+    if plateau is not None:  # early stopping keeps the best weights, not the last
+        best = plateau.restore_best(trainer, run.file("checkpoints"))
+        if best is not None:
+            console.print(f"[bold]early stopping[/] kept the best weights: step {plateau.best_step} "
+                          f"({plateau.metric} {plateau.best_value:.4f}), from {best.name}")
     scorer.trained(trainer)
     policy = save_weights(ctx, trainer, model)
     tuned_loss = trainer.evaluate()["eval_loss"] if measures_loss else None
@@ -399,7 +404,7 @@ def build_guarded_trainer(ctx: RunContext, model, train_dataset, eval_dataset):
         from tuneforge.evaluate.early_stopping import PlateauStopping
 
         rule = recipe.train.early_stopping
-        plateau = PlateauStopping(patience=rule.patience, min_delta=rule.min_delta, metric=rule.metric)
+        plateau = PlateauStopping(patience=rule.patience, min_delta=rule.min_delta, metric=rule.metric, save_best=True)
         callbacks.append(plateau)
     trainer = ctx.spec.build_trainer(ctx, model, train_dataset, eval_dataset, callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them

@@ -18,9 +18,19 @@ __all__ = ["DataStats", "PreparedData", "dedup", "example_hash", "hash_split", "
            "to_dataset", "tokenize_all"]
 
 
-def load_examples(path: str, fmt: str, *, split: str = "train", limit: int | None = None, system_prompt: str | None = None) -> tuple[list[dict], str]:
+def load_examples(path: str, fmt: str, *, split: str = "train", limit: int | None = None, system_prompt: str | None = None,
+                  keep_field: str | None = None) -> tuple[list[dict], str]:
+    """Records -> canonical examples; `keep_field`: a record field carried along as example["order"] (data.order)."""
     records = read_records(path, split=split, limit=limit)
     examples, detected = canonicalize(records, fmt)
+    if keep_field is not None:
+        for record, example in zip(records, examples):
+            value = record.data.get(keep_field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DataError(f"data.order sorts by the field {keep_field!r}, and this record's value is {value!r}",
+                                where=record.where, fix=f"give every record a number in {keep_field!r}, or set "
+                                                        "data.order: shuffle or length")
+            example["order"] = value
     if system_prompt:
         for example in examples:
             messages = example.get("messages")
@@ -60,7 +70,8 @@ def prepare_data(recipe, tokenizer, *, resolve=None) -> PreparedData:
     train_parts, eval_parts, formats = [], [], []
     for source in data.sources("train"):  # one file, or several mixed by share (data/mixing.py)
         examples, detected = load_examples(resolve(source.path), fmt, split=data.split, limit=data.max_examples,
-                                           system_prompt=data.system_prompt)
+                                           system_prompt=data.system_prompt,
+                                           keep_field=None if data.order in ("shuffle", "length") else data.order)
         if kind == "conversations" and detected == "text":
             raise DataError(f"method {recipe.method} needs prompts and answers, but {source.path} is plain text",
                             where="data.format", fix="use method: cpt for plain text, or give messages / "
@@ -79,7 +90,7 @@ def prepare_data(recipe, tokenizer, *, resolve=None) -> PreparedData:
     stats.format = "+".join(dict.fromkeys(formats))
     if data.eval:
         for source in data.sources("eval"):
-            examples, _ = load_examples(resolve(source.path), formats[0] if fmt == "auto" else fmt, split="test",
+            examples, _ = load_examples(resolve(source.path), formats[0] if fmt == "auto" else fmt, split=data.eval_split,
                                         system_prompt=data.system_prompt)
             eval_parts.append((source.path, source.weight, dedup(examples)[0] if data.dedup else examples))
     else:
@@ -91,7 +102,12 @@ def prepare_data(recipe, tokenizer, *, resolve=None) -> PreparedData:
     train_hashes = {example_hash(e) for e in train_examples}
     stats.overlap_train_eval = sum(example_hash(e) in train_hashes for e in eval_examples)
 
+    if data.order != "shuffle":  # a curriculum: ascending by length or by the field (stable, so ties keep file order)
+        key = (lambda e: len(str(e.get("messages") or e.get("text")))) if data.order == "length" else (lambda e: e["order"])
+        train_examples = sorted(train_examples, key=key)
     train, stats.truncated, stats.dropped_no_loss = tokenize_all(tokenizer, train_examples, recipe.train.max_length)
+    if data.order == "length":  # by tokens, as the model sees them
+        train.sort(key=lambda t: len(t.input_ids))
     evaluation, _, _ = tokenize_all(tokenizer, eval_examples, recipe.train.max_length)
     if not train:
         raise DataError(

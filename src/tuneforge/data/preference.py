@@ -264,7 +264,7 @@ def prepare_preference_data(recipe, tokenizer, resolve):
     if data.dedup:
         train_examples, stats.duplicates_removed = dedup(train_examples, preference_hash, keep="last")
     if data.eval:
-        eval_examples, _ = load(resolve(data.eval), "test")
+        eval_examples, _ = load(resolve(data.eval), data.eval_split)
     else:  # split by prompt hash, so one prompt's pairs never straddle train and eval
         train_examples, eval_examples = hash_split(train_examples, data.eval_fraction, prompt_hash)
         stats.eval_split_from_train = True

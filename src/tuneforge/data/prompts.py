@@ -109,7 +109,7 @@ def prepare_prompt_data(recipe, tokenizer, resolve) -> PromptData:
     if data.dedup:
         train, stats.duplicates_removed = dedup(train, prompt_key, keep="last")
     if data.eval:
-        held = load(resolve(data.eval), "test")
+        held = load(resolve(data.eval), data.eval_split)
     else:
         train, held = hash_split(train, data.eval_fraction, prompt_key)
         stats.eval_split_from_train = True

@@ -143,8 +143,12 @@ def _read_hub(name: str, split: str, limit: int | None) -> list[Record]:
 
         dataset = load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many types when offline or the name is wrong
+        known = ""
+        if "split" in str(exc).lower() or type(exc).__name__ == "ValueError":  # e.g. "Unknown split 'test'"
+            known = f"; the split {split!r} may not exist (set data.split / data.eval_split to one it has)"
         raise DataError(
-            f"{name!r} is not a local file and could not be loaded as a hub dataset ({type(exc).__name__})",
+            f"{name!r} is not a local file and could not be loaded as a hub dataset, split {split!r} "
+            f"({type(exc).__name__}){known}",
             where="data.train",
             fix="check the path; local files must end in .jsonl, .json, .csv or .parquet",
         ) from None

@@ -7,8 +7,9 @@ evaluations in a row without one, training stops. It records the best step, and 
 step if there is one (with `save_best=True` it asks the Trainer to save a checkpoint at every new best, so the
 best weights always exist under checkpoints/).
 
-Recipe keys (proposed): train.early_stopping.patience, .min_delta, .metric, .save_best; it needs
-train.eval_every so that there are evaluations to watch.
+Recipe keys: train.early_stopping.patience, .min_delta, .metric (it needs train.eval_every). train.py asks for a
+checkpoint at every new best (save_best) and, when training ends past the best step, loads that checkpoint back
+(`restore_best`), so the weights saved and scored are the best ones.
 """
 
 from __future__ import annotations
@@ -77,6 +78,17 @@ class PlateauStopping(TrainerCallback):
         path = Path(folder) / f"checkpoint-{self.best_step}"
         return path if path.is_dir() else None
 
+    def restore_best(self, trainer, output_dir: str | Path | None = None) -> Path | None:
+        """Load the best checkpoint's weights into the trainer's model (seed 002: load_best_model_at_end), when the
+        last step is not the best; returns the checkpoint loaded, or None when the last weights are the best."""
+        checkpoint = self.best_checkpoint(output_dir)
+        if checkpoint is None or self.best_step == trainer.state.global_step:
+            return None
+        # The Trainer's own loader (what load_best_model_at_end calls): adapters or full weights, sharded or not.
+        trainer._load_from_checkpoint(str(checkpoint))
+        self.restored = str(checkpoint)
+        return checkpoint
+
     def summary(self, output_dir: str | Path | None = None) -> dict:
         """What to save in the run directory (e.g. eval/early_stopping.json) and show in the report."""
         checkpoint = self.best_checkpoint(output_dir)
@@ -89,5 +101,6 @@ class PlateauStopping(TrainerCallback):
             "best_step": self.best_step,
             "best_value": self.best_value,
             "best_checkpoint": str(checkpoint) if checkpoint else None,
+            "restored": getattr(self, "restored", None),  # the weights saved are this checkpoint's (None: the last)
             "evaluations": [{"step": s, "value": v} for s, v in self.history],
         }

@@ -36,6 +36,7 @@ from tuneforge.guide.doctor.core import (
 from tuneforge.guide.doctor.data import (
     check_chat_template,
     check_context_length,
+    check_curriculum,
     check_duplicates,
     check_eval_size,
     check_packing,
@@ -61,7 +62,7 @@ __all__ = [
     "CHECKS", "SEVERITIES", "Check", "Context", "DoctorError", "Finding", "detect_device", "device_from_gpu",
     "doctor_recipe", "has_errors", "needs_sft_start", "raise_for_errors", "render_findings", "run_doctor",
     "summary_line",
-    "check_chat_template", "check_context_length", "check_duplicates", "check_effective_batch", "check_epochs",
+    "check_chat_template", "check_context_length", "check_curriculum", "check_duplicates", "check_effective_batch", "check_epochs",
     "check_eval_frequency", "check_eval_size", "check_learning_rate", "check_memory", "check_new_tokens",
     "check_packing", "check_precision", "check_preference_start", "check_prompt_masking", "check_qlora_optimizer",
     "check_rl", "check_stop_token", "check_target_modules", "check_train_eval_overlap", "check_truncation",

@@ -323,3 +323,18 @@ def check_packing(ctx: Context):
                       "mask from attention_mask only, so packed examples attend to each other",
                       "set train.packing: false for remote-code models, unless you know their attention handles packed "
                       "position ids", where)
+
+
+def check_curriculum(ctx: Context):
+    """Seed 000 step 13: ordering data by difficulty "helps in some specialized settings (math, code), hurts in general
+    fine-tuning"."""
+    order = ctx.recipe.data.order
+    if order == "shuffle":
+        return
+    first = "shortest" if order == "length" else f"lowest {order}"
+    yield Finding("warning", "curriculum-order",
+                  f"data.order: {order} trains the examples in a fixed order ({first} first) instead of shuffled",
+                  "a curriculum helps in specialised settings (math, code) and hurts general fine-tuning (seed 000); "
+                  "a fixed order also makes the last examples weigh most",
+                  "keep it for a task where difficulty really grows (and compare with a shuffled run); otherwise "
+                  "data.order: shuffle", ctx.where("data.order"))

@@ -21,6 +21,7 @@ CHECKS: list[Check] = [
     preference_rl.check_preference_start, preference_rl.check_rl,
     adapter.check_target_modules, adapter.check_new_tokens,
     data_checks.check_context_length, data_checks.check_truncation, data_checks.check_packing,
+    data_checks.check_curriculum,
     hardware.check_precision, adapter.check_qlora_optimizer, hardware.check_memory,
 ]
 
