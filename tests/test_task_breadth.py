@@ -85,3 +85,57 @@ def test_curriculum_refusals(tmp_path, smol_tokenizer, tiny_model_dir):
     with pytest.raises(DataError, match="sorts by the field 'level'") as info:
         prepare_data(recipe, smol_tokenizer)
     assert f"{path}:1" in info.value.render()
+
+
+def test_new_tokens_grow_the_embeddings_train_with_lora_and_reload(tmp_path, tiny_model_dir, small_sft_file):
+    """model.add_tokens: the tokenizer and the embedding rows grow (new rows = mean of the old), LoRA trains the
+    embedding in full (modules_to_save filled in), and generate/merge reload the run with the new vocabulary."""
+    import torch
+    from rich.console import Console
+
+    from tuneforge.models import load_target
+    from tuneforge.ops.merge import merge_run
+    from tuneforge.train import train
+
+    data = tmp_path / "tagged.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"tag {i}"},
+                                                     {"role": "assistant", "content": f"<tag_{i % 2}> done"}]}) + "\n"
+                            for i in range(16)), encoding="utf-8")
+    recipe = parse_recipe(tiny_recipe(tiny_model_dir, data, model={"name": str(tiny_model_dir),
+                                                                   "add_special_tokens": ["<tag_0>", "<tag_1>"]},
+                                      train={"max_steps": 2, "lr": 1e-2},
+                                      eval={"max_examples": 2, "max_new_tokens": 4, "few_shot": 0, "forgetting": False}))
+    assert recipe.adapter.modules_to_save == ["embed_tokens", "lm_head"]
+    console = Console(record=True, width=200)
+    run = train(recipe, output=str(tmp_path / "run"), console=console, doctor=True)
+    assert run.status == "completed" and "grew by 2 rows" in console.export_text()
+    model, tokenizer = load_target(str(run.path), device="cpu")
+    new_id = tokenizer.convert_tokens_to_ids("<tag_1>")
+    assert len(tokenizer.tokenize("<tag_1>")) == 1 and new_id >= 49152
+    embeddings = model.get_input_embeddings().weight
+    assert embeddings.shape[0] == len(tokenizer)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight
+    assert not torch.allclose(embeddings[new_id], base.mean(dim=0), atol=1e-6)  # trained away from the mean start
+    merged = merge_run(str(run.path), str(tmp_path / "merged"))
+    reloaded = AutoModelForCausalLM.from_pretrained(merged)
+    assert reloaded.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert torch.allclose(reloaded.get_input_embeddings().weight[new_id], embeddings[new_id], atol=1e-5)
+
+
+def test_mean_initialisation_of_new_rows(tiny_model_dir, smol_tokenizer):
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.vocab import match_vocabulary
+
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.add_tokens(["<brand_new>"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    old = model.get_input_embeddings().weight.detach().clone()
+    assert match_vocabulary(model, tokenizer) == 1 and match_vocabulary(model, tokenizer) == 0
+    grown = model.get_input_embeddings().weight
+    assert torch.allclose(grown[-1], old.mean(dim=0)) and torch.equal(grown[: len(old)], old)

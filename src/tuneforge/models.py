@@ -383,8 +383,11 @@ def load_target(target: str, *, device: str | None = None, quantized_as_trained:
         else:
             from peft import PeftModel
 
+            from tuneforge.vocab import match_vocabulary
+
             quant = recipe.quant if recipe.adapter.type == "qlora" and quantized_as_trained else None
             base = load_base_model(model_section, quant=quant, device=device)
+            match_vocabulary(base, tokenizer)  # a run that added tokens: the adapter's rows need the grown matrix
             model = PeftModel.from_pretrained(base, str(weights))
         model.generation_config = _saved_generation_config(weights, model)
     else:

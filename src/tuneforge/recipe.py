@@ -73,6 +73,11 @@ class ModelSection(_Section):
         "continue", description="continue = keep training that same adapter (seed 000 step 12; the adapter as loaded "
         "is the reference) | merge = merge it into the base weights and train a fresh adapter (adapter.*) on top."
     )
+    add_tokens: list[str] = Field(default_factory=list, description="New tokens for the tokenizer; the embedding and "
+                                  "output rows grow (initialised to the mean of the old rows) and, with LoRA, are "
+                                  "trained in full (adapter.modules_to_save is filled in).")
+    add_special_tokens: list[str] = Field(default_factory=list, description="New special tokens (never split, e.g. "
+                                          "<tool_call>), handled like add_tokens.")
 
 
 class DataSource(_Section):
@@ -488,6 +493,9 @@ class Recipe(_Section):
             raise KeyedValueError(key, f"method {self.method}: {problem}" if not problem.startswith("method") else problem)
         if self.train.optimizer is None:
             self.train.optimizer = DEFAULT_OPTIMIZER[self.adapter.type]
+        if (self.model.add_tokens or self.model.add_special_tokens) and self.uses_lora:
+            wanted = [m for m in ("embed_tokens", "lm_head") if m not in self.adapter.modules_to_save]
+            self.adapter.modules_to_save = [*self.adapter.modules_to_save, *wanted]  # seed 000: new rows train fully
         regularizer = "train.kl_to_base" if self.train.kl_to_base else "train.ewc" if self.train.ewc else None
         if regularizer and spec.family != "supervised":
             raise KeyedValueError(regularizer, f"is a term in the supervised loss (sft, dft, cpt); method {self.method} "

@@ -70,6 +70,11 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
     device = pick_device()
     tokenizer = load_tokenizer(recipe.model.name, chat_template=recipe.model.chat_template,
                                trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+    from tuneforge.vocab import add_tokens
+
+    if add_tokens(tokenizer, recipe.model):  # model.add_tokens: the model's rows grow to match in load_model
+        console.print(f"[bold]tokens[/] added {len(recipe.model.add_tokens) + len(recipe.model.add_special_tokens)} "
+                      f"to the tokenizer (now {len(tokenizer)})")
     metric_specs = resolve_metrics(recipe.eval.metrics, base_dir=recipe.source_dir)
     check_trackers(recipe)
     lm_eval = check_tasks(recipe)  # eval.lm_eval_tasks: installed and known, before the run directory exists
@@ -328,6 +333,11 @@ def load_model(ctx: RunContext):
 
     model = load_base_model(recipe.model, quant=recipe.quant if recipe.adapter.type == "qlora" else None,
                             device=ctx.device, attention=recipe.speed.attention)
+    from tuneforge.vocab import match_vocabulary
+
+    grown = match_vocabulary(model, ctx.tokenizer)  # model.add_tokens: new rows = the mean of the old ones
+    if grown:
+        console.print(f"[bold]embeddings[/] grew by {grown} rows (mean-initialised)")
     eos_ids = align_eos(ctx.tokenizer, model)
     console.print(f"generation stops at token ids {eos_ids} ({ctx.tokenizer.convert_ids_to_tokens(eos_ids)})")
     return load_start_adapter(model, recipe, console)  # model.adapter: e.g. the SFT stage's adapter

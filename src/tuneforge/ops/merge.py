@@ -47,8 +47,11 @@ def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool
     check_base_is_here(section.name, run.path)
     base_model = load_base_model(section, quant=None, device="cpu",
                                  dtype=resolve_dtype("float32" if dtype == "auto" else dtype, "cpu"))
-    model = PeftModel.from_pretrained(base_model, str(run.weights_dir)).merge_and_unload()
     tokenizer = load_tokenizer(str(run.weights_dir))
+    from tuneforge.vocab import match_vocabulary
+
+    match_vocabulary(base_model, tokenizer)  # a run that added tokens: grow the base before the adapter lands
+    model = PeftModel.from_pretrained(base_model, str(run.weights_dir)).merge_and_unload()
     from transformers import GenerationConfig
 
     if (run.weights_dir / "generation_config.json").exists():

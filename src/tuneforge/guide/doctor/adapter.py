@@ -166,11 +166,11 @@ def check_new_tokens(ctx: Context):
                           "matrices, so the model can neither read nor write the new tokens",
                           f"set adapter.modules_to_save: {wanted}",
                           ctx.where("adapter.modules_to_save"))
-    else:
+    elif not (ctx.recipe.model.add_tokens or ctx.recipe.model.add_special_tokens):  # those grow the rows themselves
         yield Finding("error", "new-tokens-without-modules-to-save",
                       f"{what}: their ids are out of range for the embedding matrix",
                       "the first example that uses one fails with an index error (or reads another row on some kernels)",
-                      "resize the model's embeddings to the tokenizer (model.resize_token_embeddings) before training",
+                      "list them in model.add_tokens (tuneforge grows the embedding rows, mean-initialised)",
                       ctx.where("model.name"))
 
 
