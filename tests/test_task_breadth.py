@@ -68,7 +68,7 @@ def test_curriculum_trains_in_order_and_doctor_warns(tmp_path, tiny_model_dir):
 
     assert common_arguments(recipe, Run(), "cpu")["train_sampling_strategy"] == "sequential"
     shuffled = parse_recipe(tiny_recipe(tiny_model_dir, path))
-    assert common_arguments(shuffled, Run(), "cpu")["train_sampling_strategy"] == "random"
+    assert "train_sampling_strategy" not in common_arguments(shuffled, Run(), "cpu")  # the Trainer's random default
     findings = [f for f in run_doctor(recipe) if f.code == "curriculum-order"]
     assert findings and "hurts general fine-tuning" in findings[0].why
     assert not [f for f in run_doctor(shuffled) if f.code == "curriculum-order"]
@@ -139,3 +139,51 @@ def test_mean_initialisation_of_new_rows(tiny_model_dir, smol_tokenizer):
     assert match_vocabulary(model, tokenizer) == 1 and match_vocabulary(model, tokenizer) == 0
     grown = model.get_input_embeddings().weight
     assert torch.allclose(grown[-1], old.mean(dim=0)) and torch.equal(grown[: len(old)], old)
+
+
+def test_sparse_kl_by_hand():
+    import math
+
+    import torch
+
+    from tuneforge.methods.distill import sparse_kl
+
+    # one row, tokens [5, 6, 7]; the answer is token 7, predicted at position 1; vocabulary of 3 at temperature 1
+    ids, mask, labels = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([[-100, -100, 7]])
+    logits = torch.zeros(1, 3, 3)  # the student: uniform, so [0.5, 0.5] over the teacher's two ids
+    teacher = {(5, 6, 7): (torch.tensor([[0, 1]], dtype=torch.int32),
+                           torch.tensor([[math.log(0.75), math.log(0.25)]], dtype=torch.float16))}
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert float(sparse_kl(logits, ids, mask, labels, teacher, 1.0)) == pytest.approx(expected, rel=1e-3)
+    assert float(sparse_kl(logits, ids, mask, labels, {}, 1.0)) == 0.0  # an unscored row adds nothing
+
+
+def test_distill_trains_from_a_teacher_scored_once(tmp_path, tiny_model_dir, small_sft_file):
+    from rich.console import Console
+
+    from conftest import read_metrics
+    from tuneforge.train import train
+
+    recipe = parse_recipe(tiny_recipe(tiny_model_dir, small_sft_file, method="distill",
+                                      distill={"teacher": str(tiny_model_dir), "top_k": 5},
+                                      train={"max_steps": 2},
+                                      eval={"max_examples": 2, "max_new_tokens": 4, "few_shot": 0, "forgetting": False}))
+    run = train(recipe, output=str(tmp_path / "run"), console=Console(record=True, width=200), doctor=False)
+    assert run.status == "completed"
+    summary = run.read_json("summary.json")["distill"]
+    assert summary["top_k"] == 5 and summary["positions"] > 0 and summary["stored_bytes"] == summary["positions"] * 5 * 6
+    assert summary["teacher_metrics"] is not None
+    rows = [r for r in read_metrics(run.path) if "distill_kl" in r]
+    # the teacher is the student's own start: the KL starts at zero
+    assert rows and rows[0]["distill_kl"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_distill_refusals(tiny_model_dir, small_sft_file):
+    with pytest.raises(RecipeError, match="distill.teacher"):
+        parse_recipe(tiny_recipe(tiny_model_dir, small_sft_file, method="distill"))
+    with pytest.raises(RecipeError, match="distill"):
+        from tuneforge.train import refuse_unread_sections
+        from tuneforge.methods import method_spec
+
+        recipe = parse_recipe(tiny_recipe(tiny_model_dir, small_sft_file, distill={"alpha": 0.9}))
+        refuse_unread_sections(recipe, method_spec("sft"))

@@ -89,6 +89,8 @@ def regularized(trainer_cls):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            if not model.training:  # evaluation: the held-out loss is the task's own, comparable with the base's
+                return (loss, outputs) if return_outputs else loss
             extra = {}
             if self.kl_coef:
                 import torch
@@ -103,8 +105,7 @@ def regularized(trainer_cls):
                 penalty = self.ewc.penalty()
                 loss = loss + penalty
                 extra["ewc_penalty"] = float(penalty.detach())
-            if extra and self.model.training:
-                self._regularizer_logs = extra
+            self._regularizer_logs = extra
             return (loss, outputs) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):

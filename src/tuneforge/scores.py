@@ -241,7 +241,7 @@ def loss_delta(before: list | None, after: list | None) -> dict:
     from tuneforge.evaluate.intervals import paired_ratio_delta
 
     delta = paired_ratio_delta(before, after)
-    return {"ci95": delta["ci95"]} if delta["ci95"] is not None else {}
+    return {"delta": delta["delta"], "ci95": delta["ci95"]} if delta["ci95"] is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------

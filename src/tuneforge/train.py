@@ -27,7 +27,7 @@ from tuneforge.run import RunContext, RunDir, environment, release_run, start_ru
 
 # Sections a method reads only when its declaration says so (Method.reads): a recipe that sets keys there for a
 # method that ignores them is refused, naming the key.
-METHOD_SECTIONS = ("preference", "rl")
+METHOD_SECTIONS = ("preference", "rl", "distill")
 
 
 def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False, console=None,
@@ -311,6 +311,7 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
                       **loss_delta(losses_before, held_out_losses(ctx, policy, "tuned"))},
         "forgetting": forgetting_summary(forgetting),
         "skipped_nonfinite_steps": numerical.skipped,
+        **({"distill": trainer.distill_summary} if hasattr(trainer, "distill_summary") else {}),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if ctx.device == "cuda" else None,
         **scores,
     }
@@ -489,8 +490,8 @@ def print_summary(console, run: RunDir, summary: dict) -> None:
     if losses["tuned"] is not None:
         base = losses["base"]
         delta = f"{losses['tuned'] - base:+.4f}" if base is not None else ""
-        if losses.get("ci95"):
-            delta += f" [{losses['ci95'][0]:+.4f}, {losses['ci95'][1]:+.4f}]"
+        if losses.get("ci95"):  # the delta and its interval from the same per-example losses
+            delta = f"{losses['delta']:+.4f} [{losses['ci95'][0]:+.4f}, {losses['ci95'][1]:+.4f}]"
         table.add_row("eval loss", cell(base, 4), "", cell(losses["tuned"], 4), escape(delta), "")
     forgetting = summary.get("forgetting")
     if forgetting:

@@ -134,7 +134,7 @@ def common_arguments(recipe, run, device: str) -> dict:
         dataloader_num_workers=0,
         remove_unused_columns=True,
         # data.order (a curriculum): the examples arrive sorted (data/pipeline.py) and are read in that order
-        train_sampling_strategy="random" if recipe.data.order == "shuffle" else "sequential",
+        **({} if recipe.data.order == "shuffle" else {"train_sampling_strategy": "sequential"}),
         **precision_flags(recipe, device),
     )
     from tuneforge import speed

@@ -16,9 +16,9 @@ from tuneforge.methods import Method, register
 from tuneforge.methods.common import SUPERVISED_LR_RANGE, common_arguments
 
 
-def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks, **config):
-    """TRL's SFTTrainer on tuneforge's pre-tokenized data; `config`: further SFTConfig fields, for methods that are
-    SFT with another loss (e.g. methods/dft.py)."""
+def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks, trainer_cls=None, **config):
+    """TRL's SFTTrainer on tuneforge's pre-tokenized data; `config`: further SFTConfig fields, and `trainer_cls` an
+    SFTTrainer subclass, for methods that are SFT with another loss (methods/dft.py, methods/distill.py)."""
     recipe, tokenizer, run, device = ctx.recipe, ctx.tokenizer, ctx.run, ctx.device
     from trl import SFTConfig, SFTTrainer
 
@@ -30,7 +30,8 @@ def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks, **config):
     args = SFTConfig(**common_arguments(recipe, run, device), **fields)
     from tuneforge import mitigations
 
-    trainer_cls = mitigations.regularized(SFTTrainer) if mitigations.wanted(recipe) else SFTTrainer
+    trainer_cls = trainer_cls or SFTTrainer
+    trainer_cls = mitigations.regularized(trainer_cls) if mitigations.wanted(recipe) else trainer_cls
     trainer = trainer_cls(
         model=model,
         args=args,
