@@ -211,14 +211,6 @@ def evaluate(
         json_out.write_text(json.dumps({"target": target, "data": str(data), **result}, indent=2), encoding="utf-8")
 
 
-def _chat_prompt(tokenizer, messages):
-    from tuneforge.data.template import render_chat
-
-    if tokenizer.chat_template:
-        return render_chat(tokenizer, messages, add_generation_prompt=True)
-    return messages[-1]["content"]
-
-
 @app.command()
 def generate(
     target: str = typer.Argument(..., help="Run directory, model folder, hub id, or embedded:smollm2-135m-instruct."),
@@ -229,12 +221,12 @@ def generate(
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ):
     """Answer one prompt (greedy), through the model's chat template."""
-    from tuneforge.evaluate.generation import generate_answers
+    from tuneforge.evaluate.generation import chat_prompt, generate_answers
     from tuneforge.models import load_target
 
     model, tokenizer = load_target(target, trust_remote_code=trust_remote_code, base=base)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    print(generate_answers(model, tokenizer, [_chat_prompt(tokenizer, messages)], max_new_tokens=max_new_tokens)[0])
+    print(generate_answers(model, tokenizer, [chat_prompt(tokenizer, messages)], max_new_tokens=max_new_tokens)[0])
 
 
 @app.command()
@@ -246,7 +238,7 @@ def chat(
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ):
     """Talk to a model in the terminal (empty line or Ctrl-D to quit)."""
-    from tuneforge.evaluate.generation import generate_answers
+    from tuneforge.evaluate.generation import chat_prompt, generate_answers
     from tuneforge.models import load_target
 
     model, tokenizer = load_target(target, trust_remote_code=trust_remote_code, base=base)
@@ -259,7 +251,7 @@ def chat(
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        answer = generate_answers(model, tokenizer, [_chat_prompt(tokenizer, messages)], max_new_tokens=max_new_tokens)[0]
+        answer = generate_answers(model, tokenizer, [chat_prompt(tokenizer, messages)], max_new_tokens=max_new_tokens)[0]
         messages.append({"role": "assistant", "content": answer})
         console.print(f"[bold cyan]model>[/] {escape(answer)}")
 

@@ -33,6 +33,16 @@ def encode_prompts(tokenizer, prompts: list[str], limit: int | None) -> tuple[li
     return ids, cut
 
 
+def chat_prompt(tokenizer, messages: list[dict], *, where: str = "") -> str:
+    """The prompt `generate`, `chat` and `serve` answer: the conversation through the chat template with the
+    assistant header, or (a model without a template) the last message as it is."""
+    from tuneforge.data.template import render_chat
+
+    if not tokenizer.chat_template:
+        return messages[-1]["content"]
+    return render_chat(tokenizer, messages, add_generation_prompt=True, where=where)
+
+
 def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 16,
                      progress=None, description: str = "generating", stats: dict | None = None) -> list[str]:
     """Greedy answers for already-templated prompts. Padding is on the left so every answer starts right after
