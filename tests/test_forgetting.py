@@ -26,24 +26,144 @@ def tiny(tiny_model_dir, smol_tokenizer):
 
 def test_probe_assets_are_well_formed():
     items = load_probe_items()
-    assert len(items) == 40 and len({i["id"] for i in items}) == 40
+    assert 400 <= len(items) <= 600 and len({i["id"] for i in items}) == len(items)
+    assert len({(i["question"], i["choices"][i["answer"]]) for i in items}) == len(items)  # no repeated item
     for item in items:
         assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4 and item["answer"] in range(4)
-    # answers spread over the positions, so always picking one letter scores 25%
-    assert sorted({i["answer"] for i in items}) == [0, 1, 2, 3]
-    assert len({i["subject"] for i in items}) >= 5
+        assert item["skill"] and item["subject"] and len(item["question"]) <= 120
+    skills = {}
+    for item in items:
+        skills.setdefault(item["skill"], []).append(item["answer"])
+    assert len(skills) >= 12 and min(len(v) for v in skills.values()) >= 20
+    for answers in skills.values():  # the right answer equally often in each position, within each skill
+        assert max(answers.count(k) for k in range(4)) - min(answers.count(k) for k in range(4)) <= 1
     instructions = load_instruction_items()
     assert len(instructions) >= 5 and all("regex" in i["check"] for i in instructions)
+    quick = load_probe_items(per_skill=3)
+    assert len(quick) == 3 * len(skills) and quick == [i for i in items if int(i["id"].rsplit("-", 1)[1]) <= 3]
+
+
+def _make_probe_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_probe.py"
+    spec = importlib.util.spec_from_file_location("make_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_probe_is_what_the_script_writes(tmp_path):
+    module = _make_probe_module()
+    assert module.make_items() == load_probe_items()
+    assert module.make_items(seed=1) != load_probe_items()  # the seed matters; the default one is pinned
+
+
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTH_DAYS = {"January": 31, "February": 28, "March": 31, "April": 30, "May": 31, "June": 30, "July": 31,
+              "August": 31, "September": 30, "October": 31, "November": 30, "December": 31}
+FACTORS = {("centimetres", "metres"): 100, ("metres", "kilometres"): 1000, ("grams", "kilograms"): 1000,
+           ("minutes", "hours"): 60, ("seconds", "minutes"): 60, ("hours", "days"): 24, ("days", "weeks"): 7,
+           ("millilitres", "litres"): 1000, ("months", "years"): 12, ("eggs", "dozen"): 12}
+KNOWN = {"What is the capital of France?": "Paris", "What is the capital of Japan?": "Tokyo",
+         "What is the capital of Canada?": "Ottawa", "What is the capital of Australia?": "Canberra",
+         "What is the capital of Kenya?": "Nairobi", "On which continent is Peru?": "South America",
+         "On which continent is Ghana?": "Africa", "What is the opposite of 'hot'?": "cold",
+         "What is the opposite of 'empty'?": "full", "What is the plural of 'mouse'?": "mice",
+         "What is the plural of 'child'?": "children", "What is the past tense of 'go'?": "went",
+         "What is the past tense of 'buy'?": "bought", "How many legs does a spider have?": "8",
+         "How many legs does a bee have?": "6", "What is a baby cat called?": "kitten",
+         "Which animal says 'moo'?": "cow"}
+
+
+def _expected(item: dict) -> str | None:
+    """The answer to an item worked out here, independently of scripts/make_probe.py (None: not checked here)."""
+    import re
+
+    q = item["question"]
+    listed = re.search(r": (.+), (.+), (.+) or (.+)\?$", q)
+    if m := re.fullmatch(r"What is (\d+) (\+|-|times|divided by) (\d+)\?", q):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        return str({"+": a + b, "-": a - b, "times": a * b, "divided by": a // b}[op])
+    if m := re.fullmatch(r"\w+ has (\d+) \w+ and (gets|gives away) (\d+).*", q):
+        return str(int(m[1]) + int(m[3]) if m[2] == "gets" else int(m[1]) - int(m[3]))
+    if m := re.fullmatch(r"\w+ buys (\d+) bags with (\d+) .*", q):
+        return str(int(m[1]) * int(m[2]))
+    if m := re.fullmatch(r"\w+ shares (\d+) \w+ equally among (\d+) friends.*", q):
+        return str(int(m[1]) // int(m[2]))
+    if (m := re.fullmatch(r"Which number is the (largest|smallest): .*", q)) and listed:
+        return str((max if m[1] == "largest" else min)(int(v) for v in listed.groups()))
+    if m := re.fullmatch(r"Which (number|letter) comes next: (.+), \.\.\.\?", q):
+        seq = m[2].split(", ")
+        if m[1] == "letter":
+            return chr(2 * ord(seq[3]) - ord(seq[2]))
+        v = [int(x) for x in seq]
+        return str(v[3] * 2 if v[1] == 2 * v[0] and v[2] == 2 * v[1] else 2 * v[3] - v[2])
+    if m := re.fullmatch(r"How many (\w+) are in (\d) (\w+)\?", q):
+        return str(int(m[2]) * FACTORS[(m[1], m[3])])
+    if m := re.fullmatch(r"Which is the (\w+) month of the year\?", q):
+        ordinals = "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth".split()
+        return list(MONTH_DAYS)[ordinals.index(m[1])]
+    if m := re.fullmatch(r"Today is (\w+)\. What day (will it be|was it) (.+)\?", q):
+        n = {"tomorrow": 1, "yesterday": 1}.get(m[3]) or int(re.search(r"\d+", m[3])[0])
+        return DAYS[(DAYS.index(m[1]) + (n if m[2] == "will it be" else -n)) % 7]
+    if m := re.fullmatch(r"How many days are in (\w+) \(not in a leap year\)\?", q):
+        return str(MONTH_DAYS[m[1]])
+    if m := re.fullmatch(r"Which month comes right (after|before) (\w+)\?", q):
+        months = list(MONTH_DAYS)
+        return months[(months.index(m[2]) + (1 if m[1] == "after" else -1)) % 12]
+    if m := re.fullmatch(r"How many letters are in the word '(\w+)'\?", q):
+        return str(len(m[1]))
+    if m := re.fullmatch(r"What is the (first|last) letter of the word '(\w+)'\?", q):
+        return m[2][0 if m[1] == "first" else -1]
+    if m := re.fullmatch(r"What is '(\w+)' written backwards\?", q):
+        return m[1][::-1]
+    if m := re.fullmatch(r"Which letter comes right (after|before) '(\w)' in the alphabet\?", q):
+        return chr(ord(m[2]) + (1 if m[1] == "after" else -1))
+    if m := re.fullmatch(r"(\w+) is (\w+) than (\w+)\. (\w+) is \2 than (\w+)\. Who is the (\w+)\?", q):
+        pairs = [(m[1], m[3]), (m[4], m[5])]
+        names = {n for pair in pairs for n in pair}
+        most = next(n for n in names if all(n != low for _, low in pairs))
+        least = next(n for n in names if all(n != high for high, _ in pairs))
+        return most if m[6] in ("tallest", "oldest", "fastest") else least
+    if m := re.fullmatch(r"All \w+ are (\w+)\. .*", q):
+        return m[1]
+    if m := re.fullmatch(r"On (\w+), (\w+) went to the (\w+) with (\w+) and bought (\d) (\w+)\. (.+)", q):
+        day, _, place, friend, n, item, asked = m.groups()
+        return {"On which day?": day, "Where": f"the {place}", "Who": friend, "How": n, "What": item}.get(
+            asked if asked == "On which day?" else asked.split()[0])
+    return KNOWN.get(q)
+
+
+def test_probe_answers_are_right():
+    items = load_probe_items()
+    checked = {}
+    for item in items:
+        expected = _expected(item)
+        if expected is not None:
+            assert item["choices"][item["answer"]] == expected, item
+            checked[item["skill"]] = checked.get(item["skill"], 0) + 1
+    computed = ("arithmetic", "word_problems", "number_comparison", "sequences", "unit_conversion", "calendar",
+                "letters", "logic", "reading")
+    for skill in computed:  # every item of the computed skills
+        assert checked[skill] == sum(1 for i in items if i["skill"] == skill), skill
+    assert sum(checked.values()) - sum(checked[s] for s in computed) >= 8  # and the facts known here that occur
 
 
 def test_cached_scoring_equals_one_sequence_per_option(tiny):
     model, tokenizer = tiny
-    items = load_probe_items()[:10]
-    cached = option_logprobs(model, tokenizer, items, batch_size=4)
-    full = option_logprobs(model, tokenizer, items, shared_prompt=False)
+    items = load_probe_items()
+    sample = [i for skill in sorted({i["skill"] for i in items}) for i in [x for x in items if x["skill"] == skill][:2]]
+    cached = option_logprobs(model, tokenizer, sample, batch_size=5)  # one-token and longer options, mixed batches
+    full = option_logprobs(model, tokenizer, sample, shared_prompt=False)
     for a, b in zip(cached, full):
         assert a == pytest.approx(b, abs=1e-3)
         assert all(v < 0 for v in a)
+    one_token = [{"id": "x", "question": "Pick a letter.", "choices": ["a", "b", "c", "d"], "answer": 0}]
+    assert all(len(tokenizer(c, add_special_tokens=False)["input_ids"]) == 1 for c in one_token[0]["choices"])
+    assert option_logprobs(model, tokenizer, one_token)[0] == pytest.approx(
+        option_logprobs(model, tokenizer, one_token, shared_prompt=False)[0], abs=1e-3)
 
 
 def test_option_scoring_picks_the_likely_option(tiny):
@@ -73,30 +193,78 @@ def test_option_scoring_picks_the_likely_option(tiny):
 
 def test_run_probe_shape(tiny):
     model, tokenizer = tiny
-    result = run_probe(model, tokenizer, items=load_probe_items()[:8], max_new_tokens=4)
+    items = [i for i in load_probe_items() if i["skill"] in ("geography", "letters")][:8]
+    result = run_probe(model, tokenizer, items=items, max_new_tokens=4)
     assert result["n"] == 8 and 0 <= result["accuracy"] <= 100 and 0 <= result["accuracy_norm"] <= 100
-    assert len(result["items"]) == 8 and set(result["per_subject"]) <= {i["subject"] for i in load_probe_items()}
+    assert [r["id"] for r in result["items"]] == [i["id"] for i in items]  # item order kept
+    assert result["item_scores"] == [100.0 if r["correct"] else 0.0 for r in result["items"]]
+    assert sum(result["item_scores"]) / 8 == pytest.approx(result["accuracy"])
+    assert set(result["per_skill"]) == {i["skill"] for i in items} and set(result["per_subject"]) <= {"knowledge", "language"}
     assert result["instructions"]["n"] == len(load_instruction_items())
     json.dumps(result)  # saved as eval/forgetting.json
 
 
-def test_compare_flags_a_drop_over_the_threshold():
-    def result(correct: list[bool], instructions: float):
-        return {"accuracy": 100.0 * sum(correct) / len(correct), "accuracy_norm": 50.0, "n": len(correct),
-                "per_subject": {"math": 50.0}, "instructions": {"pass_rate": instructions},
-                "items": [{"id": f"q{i}", "correct": c} for i, c in enumerate(correct)]}
+def _result(correct: list[bool], instructions: list[bool] | None = None, skills: list[str] | None = None) -> dict:
+    skills = skills or ["math"] * len(correct)
+    items = [{"id": f"q{i}", "skill": s, "subject": s, "correct": c, "correct_norm": c}
+             for i, (c, s) in enumerate(zip(correct, skills))]
+    per_skill = {s: 100.0 * sum(c for c, k in zip(correct, skills) if k == s) / skills.count(s) for s in set(skills)}
+    out = {"accuracy": 100.0 * sum(correct) / len(correct), "accuracy_norm": 100.0 * sum(correct) / len(correct),
+           "n": len(correct), "per_subject": per_skill, "per_skill": per_skill, "items": items,
+           "item_scores": [100.0 * c for c in correct]}
+    if instructions is not None:
+        out["instructions"] = {"pass_rate": 100.0 * sum(instructions) / len(instructions),
+                               "items": [{"id": f"i{k}", "passed": p} for k, p in enumerate(instructions)]}
+    return out
 
-    before = result([True] * 8 + [False] * 2, 75.0)  # 80%
-    small = result([True] * 7 + [False] * 2 + [True], 75.0)  # 80%: one lost, one gained
-    big = result([True] * 6 + [False] * 4, 75.0)  # 60%
-    assert compare(before, small)["flagged"] is False
-    cmp = compare(before, small)
-    assert cmp["lost"] == ["q7"] and cmp["gained"] == ["q9"]
-    flagged = compare(before, big, threshold=5.0)
-    assert flagged["flagged"] and flagged["scores"]["accuracy"]["delta"] == pytest.approx(-20.0)
-    assert "possible forgetting" in flagged["message"]
-    assert compare(before, big, threshold=25.0)["flagged"] is False
-    assert compare(before, result([True] * 8 + [False] * 2, 50.0))["scores"]["instructions"]["flagged"]
+
+def test_compare_flags_only_a_drop_the_items_support():
+    """Hand-computed. 40 items, 4 right before and wrong after, none the other way: delta -10 points; exact McNemar
+    p = 2 * 0.5^4 = 0.125. A paired bootstrap resample holds none of the 4 with probability 0.9^40 = 1.5%, below the
+    2.5% tail, and one of them with probability 40 * 0.1 * 0.9^39 = 6.6%: so the interval's upper end is one lost item
+    in 40, -2.5 points, and the interval excludes zero. 10 items with 2 lost: a resample misses both with probability
+    0.8^10 = 10.7%, more than 2.5%, so the interval reaches 0 and a 20-point drop is not flagged."""
+    before = _result([True] * 30 + [False] * 10, [True] * 6 + [False] * 2)
+    after = _result([False] * 4 + [True] * 26 + [False] * 10, [True] * 6 + [False] * 2)
+    result = compare(before, after, threshold=5.0)
+    accuracy = result["scores"]["accuracy"]
+    assert accuracy["delta"] == pytest.approx(-10.0) and accuracy["n"] == 40
+    assert accuracy["ci95"][1] == pytest.approx(-2.5) and accuracy["ci95"][0] < -15.0
+    assert accuracy["p_value"] == pytest.approx(0.125) and accuracy["flagged"] is True
+    assert result["scores"]["instructions"] == {"before": 75.0, "after": 75.0, "delta": 0.0, "ci95": [0.0, 0.0], "n": 8,
+                                                "p_value": 1.0, "flagged": False}
+    assert result["flagged"] and result["lost"] == ["q0", "q1", "q2", "q3"] and result["gained"] == []
+    assert result["message"].startswith("possible forgetting: accuracy fell 10.0 points (75.0 -> 65.0, 95% CI [")
+    assert compare(before, after, threshold=12.0)["flagged"] is False  # real, but not larger than the threshold
+
+    small_before, small_after = _result([True] * 8 + [False] * 2), _result([False] * 2 + [True] * 6 + [False] * 2)
+    small = compare(small_before, small_after, threshold=5.0)
+    assert small["scores"]["accuracy"]["delta"] == pytest.approx(-20.0) and small["scores"]["accuracy"]["ci95"][1] == 0.0
+    assert small["flagged"] is False and "can tell from noise" in small["message"]
+    same = compare(before, before)
+    assert same["scores"]["accuracy"]["ci95"] == [0.0, 0.0] and same["message"] == "no drop larger than 5 points"
+
+
+def test_compare_per_skill_intervals_are_paired_within_the_skill():
+    skills = ["geo"] * 4 + ["math"] * 4
+    before = _result([True, True, True, True, False, False, True, True], skills=skills)
+    after = _result([False, False, False, False, False, True, True, True], skills=skills)  # geo -100, math +25
+    result = compare(before, after)
+    assert result["per_skill"]["geo"] == {"before": 100.0, "after": 0.0, "delta": -100.0, "ci95": [-100.0, -100.0]}
+    assert result["per_skill"]["math"]["delta"] == 25.0 and result["per_skill"]["math"]["ci95"][0] == 0.0
+    assert result["per_subject"]["geo"]["ci95"] == [-100.0, -100.0]
+    overall = result["scores"]["accuracy"]  # 4 lost and 1 gained of 8 items: the interval reaches zero, no flag
+    assert overall["delta"] == pytest.approx(-37.5) and overall["ci95"][1] >= 0 and not result["flagged"]
+
+
+def test_compare_reads_results_without_per_item_scores():
+    """Older eval/forgetting.json files and lm-eval rows: deltas without an interval, flagged on the threshold."""
+    old = {"accuracy": 60.0, "accuracy_norm": 55.0, "per_subject": {"science": 70.0}}
+    new = {"accuracy": 50.0, "accuracy_norm": 54.0, "per_subject": {"science": 60.0}}
+    result = compare(old, new)
+    assert result["scores"]["accuracy"] == {"before": 60.0, "after": 50.0, "delta": -10.0, "ci95": None, "flagged": True}
+    assert result["per_subject"]["science"] == {"before": 70.0, "after": 60.0, "delta": -10.0, "ci95": None}
+    assert "no interval: no per-item scores" in result["message"]
 
 
 # -- held-out loss ---------------------------------------------------------------------------------------------------
@@ -211,7 +379,8 @@ def test_lm_eval_task_scores_like_a_direct_log_likelihood_count(tiny, tmp_path):
     from tuneforge.recipe import parse_recipe
 
     model, tokenizer = tiny
-    items = [{"question": i["question"], "choices": i["choices"], "answer": i["answer"]} for i in load_probe_items()[:12]]
+    items = [{"question": i["question"], "choices": i["choices"], "answer": i["answer"]}
+             for i in load_probe_items() if i["skill"] == "geography"][:12]
     task = _local_lm_eval_task(tmp_path, items)
     recipe = parse_recipe({"name": "t", "data": {"train": "x.jsonl"},
                            "eval": {"lm_eval_tasks": [task], "lm_eval_include": str(tmp_path), "lm_eval_limit": 10}})
@@ -244,8 +413,9 @@ def test_lm_eval_scores_join_the_forgetting_comparison_and_unknown_tasks_are_nam
     before = {"accuracy": 50.0, "lm_eval": {"arc_easy": {"metric": "acc_norm", "score": 60.0}}}
     after = {"accuracy": 49.0, "lm_eval": {"arc_easy": {"metric": "acc_norm", "score": 51.0}}}
     result = compare(before, after, threshold=5)
-    assert result["scores"]["lm_eval:arc_easy"] == {"before": 60.0, "after": 51.0, "delta": -9.0, "flagged": True}
-    assert result["flagged"] and "lm_eval:arc_easy fell 9.0 points" in result["message"]
+    assert result["scores"]["lm_eval:arc_easy"] == {"before": 60.0, "after": 51.0, "delta": -9.0, "ci95": None,
+                                                     "flagged": True}
+    assert result["flagged"] and "lm_eval:arc_easy fell 9.0 points (60.0 -> 51.0, no interval" in result["message"]
     assert main_score({"alias": "x", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.75}) == ("acc_norm", 75.0)
     recipe = parse_recipe({"name": "t", "data": {"train": "x.jsonl"}, "eval": {"lm_eval_tasks": ["arc_easyy"]}})
     with pytest.raises(RecipeError, match=r"eval.lm_eval_tasks.0.*no task 'arc_easyy'.*did you mean.*arc_easy"):

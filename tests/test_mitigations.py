@@ -153,7 +153,7 @@ def test_probe_runs_during_training(tmp_path, tiny_model_dir, small_sft_file, mo
     from tuneforge.evaluate import forgetting
 
     few = forgetting.load_probe_items()[:6]
-    monkeypatch.setattr(forgetting, "load_probe_items", lambda: few)  # six items keep the tiny run quick
+    monkeypatch.setattr(forgetting, "load_probe_items", lambda **kwargs: few)  # six items keep the tiny run quick
     run = _train(tmp_path, tiny_model_dir, small_sft_file, train={"max_steps": 4},
                  eval={**QUICK_EVAL, "forgetting_every": 2})
     rows = [r for r in read_metrics(run.path) if "probe_accuracy" in r]

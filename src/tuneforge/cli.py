@@ -325,9 +325,11 @@ def _register_rooms() -> None:
     """Commands that live in their own rooms (each module's register(app) adds them; imports stay light)."""
     from tuneforge.board.commands import register as board
     from tuneforge.deploy.commands import register as deploy
+    from tuneforge.rate.commands import register as rate
 
     deploy(app)
     board(app)
+    rate(app)
 
 
 _register_rooms()

@@ -11,8 +11,8 @@ model's general ability depends on, and the general probe run every N steps so f
   parameters, theta* their values when training starts and F the diagonal Fisher information (mean squared gradient
   of the loss) on N examples of general data (the shipped replay set): weights that matter for general ability are
   expensive to move, the rest are free.
-- `eval.forgetting_every: N` — the probe's multiple-choice part every N optimizer steps, logged to metrics.jsonl as
-  `probe_accuracy` (and plotted with the other logged metrics).
+- `eval.forgetting_every: N` — a balanced subset of the probe's multiple-choice items (4 per skill) every N
+  optimizer steps, logged to metrics.jsonl as `probe_accuracy` (and plotted with the other logged metrics).
 
 Both loss terms are added by `regularized(trainer_cls)`, a subclass of the method's own trainer (SFT's), so the
 method's loss, packing and masking stay as they are; the extra terms are logged as `kl_to_base` and `ewc_penalty`.
@@ -23,6 +23,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 
 IGNORE_INDEX = -100
+PROBE_EVERY_PER_SKILL = 4  # eval.forgetting_every scores 4 items of each of the probe's skills (64 items)
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -159,13 +160,16 @@ def probe_callback(ctx, every: int):
 
     from tuneforge.evaluate.forgetting import run_probe
 
+    from tuneforge.evaluate.forgetting import load_probe_items
+
     run, tokenizer = ctx.run, ctx.tokenizer
+    items = load_probe_items(per_skill=PROBE_EVERY_PER_SKILL)  # a quick, balanced subset during training
 
     class ProbeEvery(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % every or model is None:
                 return
-            result = run_probe(model, tokenizer, instructions=False)
+            result = run_probe(model, tokenizer, items=items, instructions=False)
             if run.is_main:
                 run.append_metrics({"step": state.global_step, "probe_accuracy": round(result["accuracy"], 2)})
 

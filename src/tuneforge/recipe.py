@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tuneforge.errors import RecipeError
+from tuneforge.evaluate.judge_section import JudgeSection
 from tuneforge.federated.section import FederatedSection
 from tuneforge.recipe_methods import (  # noqa: F401 (re-exported: the sections methods and levers read)
     DistillSection, DistributedSection, PreferenceSection, RewardSpec, RLSection, SpeedSection)
@@ -248,6 +249,8 @@ class EvalSection(_Section):
     forgetting: bool = Field(True, description="Run the shipped general-ability probe before and after training.")
     forgetting_threshold: float = Field(5.0, gt=0, description="Flag a probe drop larger than this many points (and "
                                         "only when its 95% interval excludes zero).")
+    judge: JudgeSection | None = Field(None, description="An LLM judge of base vs tuned answers (both orders, position "
+                                       "and length bias measured): model, or url + model_name (docs/evaluation.md).")
     forgetting_every: int | None = Field(None, gt=0, description="Also run the probe's multiple-choice items every N "
                                          "optimizer steps during training (seed 000: every 100 or 500), logged as "
                                          "probe_accuracy and plotted.")
@@ -349,6 +352,9 @@ class Recipe(_Section):
         if (self.model.add_tokens or self.model.add_special_tokens) and self.uses_lora:
             wanted = [m for m in ("embed_tokens", "lm_head") if m not in self.adapter.modules_to_save]
             self.adapter.modules_to_save = [*self.adapter.modules_to_save, *wanted]  # seed 000: new rows train fully
+        if self.eval.judge is not None and (spec.hooks.get("scores") != "generation" or not self.eval.baseline):
+            raise KeyedValueError("eval.judge", f"judges base vs tuned answers, which method {self.method} does not "
+                                  "produce" if self.eval.baseline else "needs the base model's answers: eval.baseline: true")
         regularizer = "train.kl_to_base" if self.train.kl_to_base else "train.ewc" if self.train.ewc else None
         if regularizer and spec.family != "supervised":
             raise KeyedValueError(regularizer, f"is a term in the supervised loss (sft, dft, cpt); method {self.method} "

@@ -116,6 +116,14 @@ class GenerationScorer(Scorer):
         if self.scored and (self.baseline is not None or ctx.spec.family != "distillation"):
             tuned = score_model(model, ctx, ctx.data.eval_examples, label="tuned model")
             ctx.run.write_json("eval/tuned.json", tuned)
+        if tuned is not None and self.baseline is not None and ctx.recipe.eval.judge is not None:
+            from tuneforge.evaluate.judge import judge_inputs, judge_run
+            from tuneforge.evaluate.judge_section import describe_judge_run
+
+            judged = judge_run(ctx.recipe.eval.judge, *judge_inputs(self.baseline, tuned))
+            ctx.run.write_json("eval/judge.json", judged)
+            ctx.console.print(f"[bold]judge[/] ({judged['judge']}): {describe_judge_run(judged)}")
+            out["judge"] = (judged.get("pairwise") or {}).get("tuned_win_rate")
         results = {"base": self.baseline, "few_shot": self.few_shot, "tuned": tuned}
         out["metrics"] = baseline_table(results) if tuned is not None else {}
         for name, deltas in (metric_deltas(results) if tuned is not None else {}).items():

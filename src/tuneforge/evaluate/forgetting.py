@@ -1,15 +1,21 @@
 """Forgetting probe: does fine-tuning cost the model general ability it had before?
 
-The probe ships with tuneforge (assets/probes/): 40 general-knowledge multiple-choice items (science, geography,
-history, maths, language, computing, everyday) and 8 short general instructions with a checkable answer. It is
-run on the base model before training and on the tuned model after; `compare` flags a drop larger than a
-threshold (default 5 points).
+The probe ships with tuneforge (assets/probes/): 536 short multiple-choice items over 16 skills (arithmetic, word
+problems, number comparison, sequences, unit conversion, calendar, opposites, analogies, categories, grammar,
+spelling, letters, geography, animals, logic, reading), generated with their answers by `scripts/make_probe.py`,
+and 8 short general instructions with a checkable answer. It is run on the base model before training and on the
+tuned model after, on the same items, so the two are compared item by item.
 
 Multiple choice is scored MMLU-style by likelihood, not generation: each option's text is scored as the
 assistant's answer to the question (through the chat template when the tokenizer has one), and the option with
 the highest summed log-likelihood is the model's choice (`accuracy`). `accuracy_norm` divides by the option's
-length in characters, which removes the bias toward short options. 40 items is small: one item is 2.5 points, so
-treat a flagged drop as a prompt to look, and re-run on a bigger set (e.g. MMLU) before concluding.
+length in characters, which removes the bias toward short options.
+
+`compare` takes the per-item scores (0 or 100) of both runs and gives each delta a 95% interval from a paired
+bootstrap over items (evaluate/intervals.py); a drop is flagged only when the interval excludes zero AND the drop
+is larger than the threshold (default 5 points). The interval's half width is about 1.96 * 100 * sqrt(d - delta^2)
+/ sqrt(n) points (d: the share of items that changed, delta: the drop as a share): with 536 items and 15% of them
+changed it is about 3.3 points, so a 5-point drop is flagged; how many items change decides it (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -27,9 +33,18 @@ def _asset_lines(name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def load_probe_items() -> list[dict]:
-    """[{"id", "subject", "question", "choices": [4 strings], "answer": index}]"""
-    return _asset_lines("general_mc.jsonl")
+def load_probe_items(per_skill: int | None = None) -> list[dict]:
+    """[{"id", "subject", "skill", "question", "choices": [4 strings], "answer": index}] (scripts/make_probe.py).
+    per_skill: only the first N items of each skill (a quicker probe with every skill, e.g. during training)."""
+    items = _asset_lines("general_mc.jsonl")
+    if per_skill is None:
+        return items
+    chosen, taken = [], {}
+    for item in items:
+        taken[item["skill"]] = taken.get(item["skill"], 0) + 1
+        if taken[item["skill"]] <= per_skill:
+            chosen.append(item)
+    return chosen
 
 
 def load_instruction_items() -> list[dict]:
@@ -87,8 +102,10 @@ def _common_prefix(prompts: list[list[int]]) -> int:
 def _cached_logprobs(model, rows, pad: int, batch_size: int) -> list[list[float]]:
     """Three forwards, each reusing the KV cache of the one before:
     1. the prefix every question shares (template header, default system prompt), once for the whole probe;
-    2. each batch's questions after that prefix, padded in the middle ([prefix][pad][question]);
-    3. the options (right-padded), the cache repeated once per option.
+    2. each batch's questions after that prefix, padded in the middle ([prefix][pad][question]); its last logits
+       score every option's first token;
+    3. the options but their last token (right-padded), the cache repeated once per option; skipped when every
+       option of the batch is one token.
     Positions are given explicitly, so padding shifts nothing; the result equals one full sequence per option."""
     import copy
 
@@ -104,7 +121,8 @@ def _cached_logprobs(model, rows, pad: int, batch_size: int) -> list[list[float]
             out = model(input_ids=torch.tensor([rows[0][0][:shared]], device=device), use_cache=True, logits_to_keep=1,
                         position_ids=torch.arange(shared, device=device)[None])
         prefix_cache = _output_cache(out)
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
+    # longest first, grouped by option length then question length: less padding in both batched forwards
+    order = sorted(range(len(rows)), key=lambda r: (-max(map(len, rows[r][1]), default=0), -len(rows[r][0])))
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = [rows[r] for r in index]
@@ -134,24 +152,25 @@ def _cached_logprobs(model, rows, pad: int, batch_size: int) -> list[list[float]
         cache = _output_cache(out)
         cache.batch_repeat_interleave(n_options)
         options = [option for _, opts in batch for option in opts]
-        length = max(len(o) for o in options)
-        option_ids = torch.full((len(options), length), pad, dtype=torch.long)
-        option_mask = torch.zeros((len(options), length), dtype=torch.long)
-        for row, option in enumerate(options):
-            option_ids[row, : len(option)] = torch.tensor(option)
-            option_mask[row, : len(option)] = 1
-        lengths = torch.tensor([len(prompt) for prompt, _ in batch]).repeat_interleave(n_options)
-        option_positions = lengths[:, None] + torch.arange(length)[None, :]
-        mask = torch.cat([question_mask.repeat_interleave(n_options, 0), option_mask], dim=1)
-        with torch.no_grad():
-            logits = model(input_ids=option_ids.to(device), attention_mask=mask.to(device),
-                           position_ids=option_positions.to(device), use_cache=True, **{cache_key: cache}).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        ids = option_ids.to(device)
-        total = first.gather(1, ids[:, :1])[:, 0]  # first option token, predicted by the question's last position
-        if length > 1:
-            rest = logprobs[:, :-1].gather(2, ids[:, 1:, None])[..., 0] * option_mask[:, 1:].to(device)
-            total = total + rest.sum(1)
+        ids = [torch.tensor(option, device=device) for option in options]
+        total = first.gather(1, torch.stack([o[0] for o in ids])[:, None])[:, 0]  # first token: the question's last logits
+        length = max(len(o) for o in options) - 1  # the rest: option[:-1] in, option[1:] predicted
+        if length > 0:
+            rest_ids = torch.full((len(options), length), pad, dtype=torch.long)
+            rest_mask = torch.zeros((len(options), length), dtype=torch.long)
+            targets = torch.zeros((len(options), length), dtype=torch.long)
+            for row, option in enumerate(options):
+                rest_ids[row, : len(option) - 1] = torch.tensor(option[:-1], dtype=torch.long)
+                targets[row, : len(option) - 1] = torch.tensor(option[1:], dtype=torch.long)
+                rest_mask[row, : len(option) - 1] = 1
+            lengths = torch.tensor([len(prompt) for prompt, _ in batch]).repeat_interleave(n_options)
+            positions = lengths[:, None] + torch.arange(length)[None, :]
+            mask = torch.cat([question_mask.repeat_interleave(n_options, 0), rest_mask], dim=1)
+            with torch.no_grad():
+                logits = model(input_ids=rest_ids.to(device), attention_mask=mask.to(device),
+                               position_ids=positions.to(device), use_cache=True, **{cache_key: cache}).logits
+            picked = torch.log_softmax(logits.float(), dim=-1).gather(2, targets.to(device)[..., None])[..., 0]
+            total = total + (picked * rest_mask.to(device)).sum(1)
         for k, r in enumerate(index):
             scores[r] = [float(v) for v in total[k * n_options : (k + 1) * n_options]]
     return scores
@@ -232,31 +251,36 @@ def run_instructions(model, tokenizer, items: list[dict] | None = None, *, max_n
 
 
 def run_probe(model, tokenizer, *, items: list[dict] | None = None, instructions: bool = True,
-              batch_size: int = 16, max_new_tokens: int = 40) -> dict:
+              batch_size: int = 32, max_new_tokens: int = 40) -> dict:
     """Score a model on the probe.
 
     -> {"accuracy": % (summed log-likelihood), "accuracy_norm": % (per character), "n": items,
-        "per_subject": {subject: %}, "items": [{"id", "subject", "choice", "answer", "correct", "correct_norm"}],
+        "item_scores": [0 or 100 per item, in item order] (what paired intervals are computed on),
+        "per_subject": {subject: %}, "per_skill": {skill: %},
+        "items": [{"id", "subject", "skill", "choice", "answer", "correct", "correct_norm"}],
         "instructions": run_instructions(...) or None, "seconds": wall time}
     """
     started = time.time()
     items = items if items is not None else load_probe_items()
     scores = option_logprobs(model, tokenizer, items, batch_size=batch_size)
-    results, subjects = [], {}
+    results, groups = [], {"per_subject": {}, "per_skill": {}}
     for item, option_scores in zip(items, scores):
         choice = max(range(len(option_scores)), key=lambda j: option_scores[j])
         normed = [s / max(1, len(c)) for s, c in zip(option_scores, item["choices"])]
         choice_norm = max(range(len(normed)), key=lambda j: normed[j])
         correct = choice == item["answer"]
-        results.append({"id": item["id"], "subject": item.get("subject", "general"), "choice": choice,
-                        "answer": item["answer"], "correct": correct, "correct_norm": choice_norm == item["answer"]})
-        subjects.setdefault(item.get("subject", "general"), []).append(correct)
+        subject, skill = item.get("subject", "general"), item.get("skill", item.get("subject", "general"))
+        results.append({"id": item["id"], "subject": subject, "skill": skill, "choice": choice, "answer": item["answer"],
+                        "correct": correct, "correct_norm": choice_norm == item["answer"]})
+        groups["per_subject"].setdefault(subject, []).append(correct)
+        groups["per_skill"].setdefault(skill, []).append(correct)
     n = len(results)
     out = {
         "accuracy": 100.0 * sum(r["correct"] for r in results) / max(1, n),
         "accuracy_norm": 100.0 * sum(r["correct_norm"] for r in results) / max(1, n),
         "n": n,
-        "per_subject": {s: 100.0 * sum(v) / len(v) for s, v in sorted(subjects.items())},
+        "item_scores": [100.0 if r["correct"] else 0.0 for r in results],
+        **{key: {g: 100.0 * sum(v) / len(v) for g, v in sorted(found.items())} for key, found in groups.items()},
         "items": results,
         "instructions": run_instructions(model, tokenizer, max_new_tokens=max_new_tokens) if instructions else None,
     }
@@ -264,42 +288,94 @@ def run_probe(model, tokenizer, *, items: list[dict] | None = None, instructions
     return out
 
 
+def _item_scores(result: dict, field: str, group: tuple[str, str] | None = None) -> dict[str, float]:
+    """{item id: 0 or 100} from a probe result's items (`field`: correct, correct_norm, or passed for instructions),
+    optionally only the items whose group key equals a value, e.g. ("skill", "geography")."""
+    items = (result.get("instructions") or {}).get("items", []) if field == "passed" else result.get("items", [])
+    return {r["id"]: 100.0 if r[field] else 0.0 for r in items
+            if field in r and (group is None or r.get(group[0], r.get("subject")) == group[1])}
+
+
+def _paired(before: dict[str, float], after: dict[str, float]) -> dict | None:
+    """The paired delta (after - before) over the items both results scored, or None if they share none."""
+    from tuneforge.evaluate.intervals import paired_delta
+
+    shared = [i for i in before if i in after]
+    if not shared:
+        return None
+    return paired_delta([before[i] for i in shared], [after[i] for i in shared])
+
+
 def compare(before: dict, after: dict, threshold: float = DEFAULT_THRESHOLD) -> dict:
-    """Before/after probe results -> the deltas, and whether any drop is larger than `threshold` points.
+    """Before/after probe results -> the deltas with their 95% intervals, and whether any drop is one the data
+    supports and is larger than `threshold` points (`intervals.is_real_drop`).
 
     -> {"threshold", "flagged": bool, "message": str,
-        "scores": {"accuracy"|"accuracy_norm"|"instructions": {"before", "after", "delta", "flagged"}},
-        "per_subject": {subject: {"before", "after", "delta"}},
+        "scores": {"accuracy"|"accuracy_norm"|"instructions"|"lm_eval:<task>": {"before", "after", "delta", "ci95",
+                   "p_value" (exact McNemar, when paired), "n", "flagged"}},
+        "per_subject" / "per_skill": {name: {"before", "after", "delta", "ci95"}},
         "lost": ids right before and wrong after, "gained": ids wrong before and right after}
+    Rows without per-item scores on both sides (lm-eval tasks, hand-made results) have "ci95": None and are
+    flagged on the threshold alone.
     """
     scores = {}
-    for key in ("accuracy", "accuracy_norm"):
+    for key, field in (("accuracy", "correct"), ("accuracy_norm", "correct_norm")):
         if before.get(key) is not None and after.get(key) is not None:
-            scores[key] = {"before": before[key], "after": after[key]}
+            scores[key] = {"before": before[key], "after": after[key],
+                           "paired": _paired(_item_scores(before, field), _item_scores(after, field))}
     if before.get("instructions") and after.get("instructions"):
-        scores["instructions"] = {"before": before["instructions"]["pass_rate"], "after": after["instructions"]["pass_rate"]}
+        scores["instructions"] = {"before": before["instructions"]["pass_rate"], "after": after["instructions"]["pass_rate"],
+                                  "paired": _paired(_item_scores(before, "passed"), _item_scores(after, "passed"))}
+    for task, value in (before.get("lm_eval") or {}).items():  # eval.lm_eval_tasks, see evaluate/lm_eval_tasks.py
+        if task in (after.get("lm_eval") or {}):
+            scores[f"lm_eval:{task}"] = {"before": value["score"], "after": after["lm_eval"][task]["score"], "paired": None}
     for values in scores.values():
-        values["delta"] = values["after"] - values["before"]
-        values["flagged"] = values["delta"] < -threshold
-    per_subject = {}
-    for subject, value in (before.get("per_subject") or {}).items():
-        if subject in (after.get("per_subject") or {}):
-            per_subject[subject] = {"before": value, "after": after["per_subject"][subject],
-                                    "delta": after["per_subject"][subject] - value}
+        _settle(values, threshold)
+    groups = {}
+    for key, field in (("per_subject", "subject"), ("per_skill", "skill")):
+        groups[key] = {}
+        for name, value in (before.get(key) or {}).items():
+            if name in (after.get(key) or {}):
+                paired = _paired(_item_scores(before, "correct", (field, name)), _item_scores(after, "correct", (field, name)))
+                groups[key][name] = {"before": value, "after": after[key][name], "delta": after[key][name] - value,
+                                     "ci95": paired and paired["ci95"]}
     right_before = {r["id"]: r["correct"] for r in before.get("items", [])}
     right_after = {r["id"]: r["correct"] for r in after.get("items", [])}
     lost = [i for i in right_before if right_before[i] and right_after.get(i) is False]
     gained = [i for i in right_before if not right_before[i] and right_after.get(i) is True]
-    for task, value in (before.get("lm_eval") or {}).items():  # eval.lm_eval_tasks, see evaluate/lm_eval_tasks.py
-        if task in (after.get("lm_eval") or {}):
-            b, a = value["score"], after["lm_eval"][task]["score"]
-            scores[f"lm_eval:{task}"] = {"before": b, "after": a, "delta": a - b, "flagged": a - b < -threshold}
-    flagged_keys = [k for k, v in scores.items() if v["flagged"]]
-    if flagged_keys:
-        message = "; ".join(f"{k} fell {-scores[k]['delta']:.1f} points ({scores[k]['before']:.1f} -> "
-                            f"{scores[k]['after']:.1f})" for k in flagged_keys)
-        message = f"possible forgetting: {message}, more than the {threshold:g}-point threshold"
+    return {"threshold": threshold, "flagged": any(v["flagged"] for v in scores.values()),
+            "message": _message(scores, threshold), "scores": scores, **groups, "lost": lost, "gained": gained}
+
+
+def _settle(values: dict, threshold: float) -> None:
+    """delta, ci95, p_value, n and flagged of one row, from its paired per-item scores when it has them."""
+    from tuneforge.evaluate.intervals import is_real_drop
+
+    paired = values.pop("paired")
+    values["delta"] = values["after"] - values["before"]
+    values["ci95"] = paired["ci95"] if paired else None
+    if paired:
+        values["n"] = paired["n"]
+        if "p_value" in paired:
+            values["p_value"] = paired["p_value"]
+        values["flagged"] = is_real_drop(paired, threshold)
     else:
-        message = f"no drop larger than {threshold:g} points"
-    return {"threshold": threshold, "flagged": bool(flagged_keys), "message": message, "scores": scores,
-            "per_subject": per_subject, "lost": lost, "gained": gained}
+        values["flagged"] = values["delta"] < -threshold
+
+
+def _describe(key: str, values: dict) -> str:
+    ci = values.get("ci95")
+    interval = f", 95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ", no interval: no per-item scores"
+    return f"{key} fell {-values['delta']:.1f} points ({values['before']:.1f} -> {values['after']:.1f}{interval})"
+
+
+def _message(scores: dict, threshold: float) -> str:
+    flagged = [k for k, v in scores.items() if v["flagged"]]
+    if flagged:
+        return (f"possible forgetting: {'; '.join(_describe(k, scores[k]) for k in flagged)}, more than the "
+                f"{threshold:g}-point threshold")
+    unclear = [k for k, v in scores.items() if v["delta"] < -threshold]
+    if unclear:
+        return (f"no drop larger than {threshold:g} points that the probe can tell from noise: "
+                f"{'; '.join(_describe(k, scores[k]) for k in unclear)}; the interval reaches zero")
+    return f"no drop larger than {threshold:g} points"

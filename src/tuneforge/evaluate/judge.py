@@ -11,6 +11,10 @@ OpenAI-compatible chat endpoint (`openai_judge`, plain urllib, no SDK). Two ways
   verdicts that went to whichever answer was shown first (0.5 is unbiased). Only pairs judged the same way in
   both orders count as wins; the rest are ties. `longer_preferred_rate` is the share of decided pairs won by
   the longer answer (length bias: judges tend to prefer longer answers whatever their quality).
+
+`judge_run` does what a recipe's `eval.judge` section (evaluate/judge_section.py) asks on a run's held-out answers,
+base vs tuned: the tuned model's win rate with its 95% interval, and the bias measurements beside it; the result is
+what eval/judge.json holds (and what `tuneforge rate --import` compares people's ratings with).
 """
 
 from __future__ import annotations
@@ -21,13 +25,11 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from tuneforge.evaluate.intervals import mean_interval, wilson
+from tuneforge.evaluate.judge_section import DEFAULT_RUBRIC  # the section (eval.judge) owns the default rubric
+
 Ask = Callable[[str], str]
 
-DEFAULT_RUBRIC = (
-    "Judge how well the answer does what the user asked: correctness first, then completeness, then following "
-    "the requested format exactly. Do not reward length: a short correct answer beats a long one with errors "
-    "or padding."
-)
 
 GRADE_TEMPLATE = """You are a strict, fair grader.
 
@@ -122,15 +124,17 @@ def openai_judge(url: str, model: str, *, api_key: str | None = None, api_key_en
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")[:300]
             raise ModelError(f"judge endpoint {endpoint} answered HTTP {exc.code}: {detail}", where="eval.judge.url",
-                             fix="check the URL, the model name and the API key variable") from None
+                             fix="check eval.judge.url, eval.judge.model_name (the served model) and that the "
+                                 f"variable eval.judge.api_key_env names ({api_key_env}) holds the key") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             raise ModelError(f"cannot reach the judge endpoint {endpoint}: {exc}", where="eval.judge.url",
-                             fix="check the URL and that the server is running") from None
+                             fix="check eval.judge.url and that the server is running") from None
         try:
             return reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise ModelError(f"judge endpoint {endpoint} returned no choices[0].message.content: {str(reply)[:300]}",
-                             where="eval.judge.url") from None
+                             where="eval.judge.url", fix="eval.judge.url must be an OpenAI-compatible chat API "
+                             "(.../v1)") from None
 
     return ask
 
@@ -227,7 +231,9 @@ def compare_answers(ask: Ask, prompts: list[str], answers_x: list[str], answers_
         None if none had), "usable_pairs": how many pairs that is,
         "first_position_rate": share of decisive verdicts that went to the answer shown first (0.5 unbiased),
         "longer_preferred_rate": share of consistently decided pairs (answers of different length) won by the
-        longer answer, or None, "position_bias": bool, "length_bias": bool, "unparsed": verdicts with no [[X]],
+        longer answer, or None; each rate with its Wilson 95% interval ("first_position_ci95" over
+        "decisive_verdicts", "longer_preferred_ci95" over "length_decided_pairs"; fractions, None when empty),
+        "position_bias": bool, "length_bias": bool, "unparsed": verdicts with no [[X]],
         "items": [{"first_order", "swapped_order", "winner", "consistent"}]}
     """
     x_name, y_name = names
@@ -273,7 +279,9 @@ def compare_answers(ask: Ask, prompts: list[str], answers_x: list[str], answers_
         "win_rate": {name: (100.0 * (wins[name] + 0.5 * wins["tie"]) / n if n else None) for name in (x_name, y_name)},
         "position_consistency": consistency,
         "first_position_rate": first_rate,
+        "first_position_ci95": wilson(first_wins, decisive), "decisive_verdicts": decisive,
         "longer_preferred_rate": longer_rate,
+        "longer_preferred_ci95": wilson(longer_wins, length_decided), "length_decided_pairs": length_decided,
         "position_bias": consistency is not None and consistency < POSITION_CONSISTENCY_MIN,
         "length_bias": longer_rate is not None and length_decided >= 5 and longer_rate > LENGTH_PREFERENCE_MAX,
         "unparsed": sum(v is None for v in verdicts),
@@ -286,18 +294,24 @@ def compare_answers(ask: Ask, prompts: list[str], answers_x: list[str], answers_
 # From recipe settings and run results
 
 
-def make_judge(*, model: str | None = None, url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-               max_new_tokens: int = 256) -> tuple[Ask, str]:
-    """A judge from settings: `url` (+ `model`, the served model's name) for an OpenAI-compatible endpoint, else
-    `model` as anything tuneforge loads (hub id, folder, run directory, embedded:...). -> (ask, description)"""
+def make_judge(*, model: str | None = None, url: str | None = None, model_name: str | None = None,
+               api_key_env: str = "OPENAI_API_KEY", max_new_tokens: int = 256) -> tuple[Ask, str]:
+    """A judge from settings (eval.judge): `url` + `model_name` (the served model's name) for an OpenAI-compatible
+    endpoint, or `model`, anything tuneforge loads (hub id, folder, run directory, embedded:...). -> (ask, description)"""
     from tuneforge.errors import RecipeError
 
+    if url and model:
+        raise RecipeError(["`eval.judge`: give `model` (a model tuneforge loads) or `url` (an endpoint, with "
+                           "`model_name`), not both"])
     if url:
-        if not model:
-            raise RecipeError(["`eval.judge.model`: an endpoint judge needs the served model's name"])
-        return openai_judge(url, model, api_key_env=api_key_env, max_tokens=max_new_tokens), f"{url} ({model})"
+        if not model_name:
+            raise RecipeError(["`eval.judge.model_name`: an endpoint judge needs the served model's name "
+                               "(e.g. model_name: gpt-4o-mini)"])
+        ask = openai_judge(url, model_name, api_key_env=api_key_env, max_tokens=max_new_tokens)
+        return ask, f"{url} ({model_name})"
     if not model:
-        raise RecipeError(["`eval.judge`: give `model` (a model tuneforge can load) or `url` (+ `model`)"])
+        raise RecipeError(["`eval.judge`: give `model` (a model tuneforge can load) or `url` + `model_name` (an "
+                           "OpenAI-compatible endpoint)"])
     from tuneforge.models import load_target
 
     judge_model, tokenizer = load_target(model)
@@ -326,3 +340,71 @@ def judge_results(ask: Ask, results: dict[str, dict], *, rubric: str = DEFAULT_R
                                           [s["prediction"] for s in xs], [s["prediction"] for s in ys],
                                           [s["reference"] for s in xs], rubric=rubric, names=pair)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval.judge on a run
+
+
+def win_rate(wins: int, ties: int, losses: int) -> dict:
+    """Tuned-vs-base preference counts -> {"wins", "ties", "losses", "n", "decided_rate": % of decided pairs won,
+    "ci95": its Wilson 95% interval in %, "ties_half_rate": % counting a tie as half a win, "ties_half_ci95"
+    (bootstrap over pairs), "verdict": "tuned better" | "base better" | "no clear difference"} (the verdict
+    needs the decided pairs' interval to exclude 50%). Shared by the judge and the people's ratings (tuneforge rate)."""
+    decided, n = wins + losses, wins + ties + losses
+    interval = wilson(wins, decided)
+    ci = [100.0 * interval[0], 100.0 * interval[1]] if interval else None
+    halves = mean_interval([100.0] * wins + [50.0] * ties + [0.0] * losses)
+    verdict = "no clear difference"
+    if ci and ci[0] > 50.0:
+        verdict = "tuned better"
+    elif ci and ci[1] < 50.0:
+        verdict = "base better"
+    return {"wins": wins, "ties": ties, "losses": losses, "n": n,
+            "decided_rate": 100.0 * wins / decided if decided else None, "ci95": ci,
+            "ties_half_rate": halves["mean"], "ties_half_ci95": halves["ci95"], "verdict": verdict}
+
+
+def judge_inputs(baseline: dict, tuned: dict) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(prompts, base answers, tuned answers, references) from a run's eval/baseline.json and eval/tuned.json (as
+    evaluate_generation writes them; the i-th sample of each is the same held-out example)."""
+    base_samples, tuned_samples = baseline.get("samples", []), tuned.get("samples", [])
+    n = min(len(base_samples), len(tuned_samples))
+    prompts = [s.get("question") or s["prompt"] for s in tuned_samples[:n]]
+    return (prompts, [s["prediction"] for s in base_samples[:n]], [s["prediction"] for s in tuned_samples[:n]],
+            [s.get("reference") or "" for s in tuned_samples[:n]])
+
+
+def judge_run(settings, prompts: list[str], base_answers: list[str], tuned_answers: list[str],
+              references: list[str] | None = None, *, ask: Ask | None = None, description: str | None = None) -> dict:
+    """Judge base vs tuned answers to the same held-out prompts as `settings` (a JudgeSection, eval.judge) says.
+
+    -> {"judge": who judged, "rubric", "n", "settings": the section without secrets,
+        "pairwise": compare_answers(...) + {"tuned_win_rate": win_rate(...)} and each item's "index" (its place in
+        the run's samples), when settings.pairwise,
+        "grades": {"base": grade_answers(...), "tuned": ...} when settings.grade} -- what eval/judge.json holds.
+    `ask`: a judge already made (tests, or a caller that keeps one loaded); else it is made from the settings.
+    """
+    n = min(len(prompts), len(base_answers), len(tuned_answers), settings.max_examples or len(prompts))
+    prompts, base_answers, tuned_answers = prompts[:n], base_answers[:n], tuned_answers[:n]
+    references = (references or [None] * n)[:n]
+    references = [r or None for r in references]
+    if ask is None:
+        ask, made = make_judge(model=settings.model, url=settings.url, model_name=settings.model_name,
+                               api_key_env=settings.api_key_env, max_new_tokens=settings.max_new_tokens)
+        description = description or made
+    out: dict = {"judge": description or "", "rubric": settings.rubric, "n": n,
+                 "settings": settings.model_dump(exclude={"rubric"}), "grades": {}}
+    if settings.pairwise:
+        pair = compare_answers(ask, prompts, base_answers, tuned_answers, references, rubric=settings.rubric,
+                               names=("base", "tuned"))
+        for index, item in enumerate(pair["items"]):
+            item["index"] = index
+        wins = pair["wins"]
+        pair["tuned_win_rate"] = win_rate(wins["tuned"], wins["tie"], wins["base"])
+        out["pairwise"] = pair
+    if settings.grade:
+        for name, answers in (("base", base_answers), ("tuned", tuned_answers)):
+            out["grades"][name] = grade_answers(ask, prompts, answers, references, rubric=settings.rubric)
+    return out
+
