@@ -310,3 +310,22 @@ def test_merged_model_loads_identically_in_transformers_4_and_5(lora_run, tmp_pa
     assert four["version"].startswith("4.") and five["version"].startswith("5.")
     assert four["ids"] == five["ids"] and four["rope_theta"] == config["rope_theta"]
     assert max(abs(a - b) for a, b in zip(four["logits"], five["logits"])) < 1e-4
+
+
+def test_a_lora_run_prints_no_library_notices(tmp_path, tiny_model_dir, small_sft_file):
+    """The quickstart's output is clean: no bitsandbytes "kernels-community ... trust" notice, no FutureWarning from
+    TRL/PEFT reading a renamed transformers property (library_fixes.quiet_library_notices)."""
+    import os
+
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, small_sft_file, train={"max_steps": 1},
+                                                 eval={"max_examples": 2, "max_new_tokens": 4, "few_shot": 0,
+                                                       "forgetting": False})), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONWARNINGS")}
+    done = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(recipe), "--output", str(tmp_path / "run"),
+                           "--no-doctor"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert "FutureWarning" not in output and "kernels-community" not in output and "Traceback" not in output

@@ -336,10 +336,10 @@ _register_rooms()
 
 
 def main() -> None:
-    from tuneforge.library_fixes import quiet_bitsandbytes_cpu_kernel_notice
+    from tuneforge.library_fixes import quiet_library_notices
     from tuneforge.ranks import is_launched, rank, record_rank_error
 
-    quiet_bitsandbytes_cpu_kernel_notice()
+    quiet_library_notices()
     where = f"[rank {rank()}] " if is_launched() else ""
     try:
         app()

@@ -37,6 +37,17 @@ def checkpointing_field(enabled: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
+def quiet_library_notices() -> None:
+    """Notices the libraries print on every run that a user can do nothing about (each explained below); the
+    quickstart's output stays clean. Warnings that point at a real problem are left alone."""
+    import warnings
+
+    quiet_bitsandbytes_cpu_kernel_notice()
+    # transformers 5.x renamed `is_gradient_checkpointing`; TRL (1.16) and PEFT (0.21) still read the old name on every
+    # trainer set-up, so each run printed a FutureWarning addressed to those libraries' authors.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def quiet_bitsandbytes_cpu_kernel_notice() -> None:
     """bitsandbytes (0.49+) on CPUs with AVX512-BF16 tries, when first imported, to fetch an optional 4-bit GEMM
     kernel from the hub ("kernels-community/quantization-bitsandbytes"); where that is not possible it logs a warning
