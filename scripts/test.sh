@@ -3,9 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-# Two workers (a CI machine has 2 cores; tiny models run single-threaded), each taking whole test files so their
-# module fixtures are built once. TUNEFORGE_TEST_WORKERS=0 runs in this process.
-workers="${TUNEFORGE_TEST_WORKERS:-2}"
+# One process by default: the browser, server and subprocess tests wait on real processes, and a second worker on a
+# 2-core machine starves them. TUNEFORGE_TEST_WORKERS=2 runs two workers (pytest-xdist, whole files per worker).
+workers="${TUNEFORGE_TEST_WORKERS:-0}"
 if [ "$workers" = 0 ]; then
   exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 fi
