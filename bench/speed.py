@@ -1,24 +1,38 @@
-"""Speed, side by side on one GPU: tuneforge with its default settings vs plain TRL SFTTrainer (its defaults) vs TRL's
-best documented settings (padding-free batches + Liger kernels) vs Unsloth (when its wheels are present).
+"""Speed, measured fairly, side by side on one GPU: tuneforge vs TRL (its best documented settings: padding-free
+batches + Liger kernels; its plain defaults on request) vs Unsloth -- every contender at its own best settings for
+the same job.
 
-    python bench/speed.py --out bench/results/speed.json                 # every case below
-    python bench/speed.py --cases llama-1b-lora --steps 6 --warmup 2      # one case, quick
-    python bench/speed.py --device cpu --cases tiny-lora --steps 2 --warmup 1   # CPU smoke test of the script
+    python bench/speed.py --cases llama-1b-lora --out fair-1b.json            # sweep, then 3 repeats x 20 steps
+    python bench/speed.py --device cpu --cases tiny-lora --steps 2 --warmup 1 --repeats 1   # CPU smoke test
 
-Same model architecture (random init from a config, fixed seed: no download), same data (chat examples with a
-realistic length distribution: log-normal, median ~350 tokens, long tail cut at max_length 2048), same LoRA config
-(r 16, alpha 32, dropout 0.05, all seven projections), same examples per optimizer step. Every contender runs in its
-own process (an empty allocator each; Unsloth with its own pinned libraries from --unsloth-path), the order of the
-contenders alternates from case to case, the first --warmup steps are excluded, and the reported rate is the
-median of the measured steps' rates (a step stalled by a one-off Triton compile does not count; the mean is kept too). Reported per contender: real (non-padding) tokens/s, peak GPU memory
-(max_memory_allocated), useful model-FLOPs utilisation (4 x params x tokens for LoRA/QLoRA, 6 x for full
-fine-tuning, plus attention, against the bf16 matmul peak measured at the start of the same run), and the losses of
-the first steps (tuneforge with all levers off runs too, so the levers' numerical check is in the same file).
+The same job for everyone: the same random-init model (fixed seed, no download), the same data (chat examples with
+log-normal lengths, median ~350 tokens), 16 examples per optimizer step, the same LoRA (r 16, alpha 32, dropout
+0.05, all seven projections), the same learning rate (2e-4 LoRA, 2e-5 full) and schedule family (linear), loss on the
+answer tokens for everyone (tuneforge masks prompts by default; TRL and Unsloth get the same conversations as
+prompt/completion pairs, which TRL trains completion-only).
+
+Fairness rules (issue #21):
+  1. Sweep. Each contender's micro-batch x accumulation (16x1, 8x2, 4x4, 2x8) and gradient checkpointing (off/on)
+     are swept in short runs: per checkpointing setting, the largest micro-batch that fits in memory (a larger
+     micro-batch with the same recomputation is never slower); the faster of those wins. tuneforge's candidates are
+     its defaults (its planner picks the layout and checkpointing) and `speed.layout: speed`.
+  2. Each peer in its own process on the versions it pins: Unsloth from its own --unsloth-path (its pinned TRL,
+     datasets < 5 and the machine's transformers <= 5.17), the others from PYTHONPATH. The driver never touches the
+     GPU (models are built and the matmul peak is measured in child processes), so every contender starts on a
+     free GPU.
+  3. TRL's padding-free mode is documented to need FlashAttention; flash-attn has no wheel for this torch/CUDA, so
+     TRL best runs it on sdpa (transformers then builds a dense mask); `trl_best_varlen` is TRL best with
+     tuneforge's varlen attention function plugged into transformers (what that kernel alone is worth to a TRL user).
+  4. Measured: >= 20 optimizer steps after the warm-up, three repeats in alternated order. Headline: total
+     throughput (real tokens / total time of the measured steps), mean of the repeats with their spread; the median
+     of the per-step rates beside it. Peak memory = torch.cuda.max_memory_allocated of the run.
+  5. Loss parity: every contender's losses of the measured steps are recorded (same data, same loss tokens).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -35,29 +49,30 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 LORA = dict(r=16, alpha=32, dropout=0.05)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EXAMPLES_PER_STEP = 16
+LAYOUTS = [(16, 1), (8, 2), (4, 4), (2, 8)]  # micro-batch x accumulation, largest micro-batch first
 QWEN2_1_5B = dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
                   max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
-# case -> (model, adapter, micro-batch, grad accum)
+# case -> (model, adapter, data: (median tokens, max_length))
+SHORT, LONG = (350.0, 2048), (6000.0, 8192)
 CASES = {
-    "llama-1b-lora": ("llama-1b", "lora", 8, 2),
-    "llama-8b-lora": ("llama-8b", "lora", 4, 4),
-    "qwen2-1.5b-lora": ("qwen2-1.5b", "lora", 8, 2),
-    "llama-1b-qlora": ("llama-1b", "qlora", 8, 2),
-    "llama-1b-full": ("llama-1b", "full", 8, 2),
-    "tiny-lora": ("tiny", "lora", 4, 2),
-    "embedded-lora": ("embedded", "lora", 8, 2),  # the CPU case: SmolLM2-135M-Instruct, vs trl_equivalent
+    "llama-1b-lora": ("llama-1b", "lora", SHORT),
+    "llama-8b-lora": ("llama-8b", "lora", SHORT),
+    "llama-8b-qlora": ("llama-8b", "qlora", SHORT),
+    "llama-1b-full": ("llama-1b", "full", SHORT),
+    "qwen2-1.5b-lora": ("qwen2-1.5b", "lora", SHORT),
+    "llama-1b-lora-8k": ("llama-1b", "lora", LONG),  # the long-context case: examples up to 8,192 tokens
+    "llama-1b-qlora": ("llama-1b", "qlora", SHORT),
+    "tiny-lora": ("tiny", "lora", (60.0, 256)),  # CPU smoke test of this script
 }
-CONTENDERS = ["tuneforge", "trl_plain", "trl_best", "unsloth", "tuneforge_levers_off"]
-# Also runnable: tuneforge with one speed setting changed from its defaults (what that setting is worth, same run).
-TUNEFORGE_VARIANTS = {
-    "tuneforge_fast": {"layout": "speed"},  # the memory plan spends free GPU memory on speed
-    "tuneforge_unmerged": {"fold_accumulation": False},  # the micro-batches as written (the layout before 2026-11-25b)
-    "tuneforge_no_offload": {"offload_checkpoints": False},  # checkpoints kept on the GPU
-    "tuneforge_sdpa": {"attention": "sdpa"},  # what the varlen attention lever is worth
-    "tuneforge_unfused": {"fused_lora": False},  # PEFT's LoRA forward (scale and add as separate passes)
-}
-EXTRA_CONTENDERS = list(TUNEFORGE_VARIANTS)
+CONTENDERS = ["tuneforge", "trl_best", "unsloth"]
+OPTIONAL = ["trl_plain", "trl_best_varlen"]
+TUNEFORGE_CANDIDATES = {"defaults": {}, "layout_speed": {"layout": "speed"}}
+
+
+def lr_for(adapter: str) -> float:
+    return 2e-5 if adapter == "full" else 2e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,41 +87,30 @@ def model_config(name: str):
 
     if name == "tiny":
         return LlamaConfig(**TINY)
-    if name == "embedded":
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(str(build_model("embedded", Path("."), "cpu")))
     if name == "qwen2-1.5b":
         return Qwen2Config(**{k: v for k, v in QWEN2_1_5B.items() if k != "model_type"})
     return reference_config(name)
 
 
-def build_model(name: str, workdir: Path, device: str) -> Path:
-    """Random-init bf16 checkpoint + the byte tokenizer, written once per model."""
+def build_model(name: str, folder: Path, device: str) -> None:
+    """Random-init checkpoint + the byte tokenizer (run in a child process: the driver keeps no GPU memory)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from plan_vs_measured import byte_tokenizer
 
-    if name == "embedded":  # the embedded SmolLM2-135M-Instruct checkpoint (converted from its GGUF once)
-        from tuneforge.models import resolve_model_source
-        from tuneforge.recipe import EMBEDDED_MODEL
-
-        return Path(resolve_model_source(EMBEDDED_MODEL))
-    folder = workdir / f"random-{name}"
-    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-        return folder
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(model_config(name), dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def make_data(path: Path, n: int, max_length: int, seed: int = 0, median: float = 350.0, sigma: float = 0.9) -> dict:
     """Chat examples whose token counts (the byte tokenizer: one token per byte) are log-normal around `median`,
-    cut at max_length; the answer is ~80% of each example. Returns length statistics."""
+    cut at max_length; the answer is ~80% of each example. Writes `path` (messages, for tuneforge) and its
+    prompt/completion twin (for TRL and Unsloth: completion-only loss, the same tokens as tuneforge's masking).
+    Returns length statistics."""
     rng = random.Random(seed)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(4000)]
 
@@ -119,16 +123,22 @@ def make_data(path: Path, n: int, max_length: int, seed: int = 0, median: float 
         return " ".join(out)[:chars]
 
     lengths = []
-    with path.open("w", encoding="utf-8") as f:
+    with path.open("w", encoding="utf-8") as f, pc_path(path).open("w", encoding="utf-8") as g:
         for _ in range(n):
             total = int(min(max_length - 40, max(24, rng.lognormvariate(math.log(median), sigma))))
             prompt = max(8, total // 5)
             lengths.append(total + 36)  # + the chat template's tokens
-            f.write(json.dumps({"messages": [{"role": "user", "content": text(prompt)},
-                                             {"role": "assistant", "content": text(total - prompt)}]}) + "\n")
+            user = {"role": "user", "content": text(prompt)}
+            answer = {"role": "assistant", "content": text(total - prompt)}
+            f.write(json.dumps({"messages": [user, answer]}) + "\n")
+            g.write(json.dumps({"prompt": [user], "completion": [answer]}) + "\n")
     lengths.sort()
     return {"n": n, "median": lengths[n // 2], "mean": round(sum(lengths) / n, 1), "p90": lengths[int(0.9 * n)],
             "max": lengths[-1]}
+
+
+def pc_path(path: Path) -> Path:
+    return path.with_name(path.stem + "-pc.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,9 +147,8 @@ def make_data(path: Path, n: int, max_length: int, seed: int = 0, median: float 
 
 class StepTimer:
     """A TrainerCallback (made a subclass at run time) timing each optimizer step as the period from one step's end
-    to the next (CUDA-synced): data loading, the step and logging, the same span tuneforge's contenders are timed
-    over (between consecutive metrics.jsonl rows). (Runs before 2026-11-25 timed the other contenders from step
-    begin to step end only, which left their data loading and logging out: in their favour.)"""
+    to the next (CUDA-synced): data loading, the step and logging -- the span tuneforge is timed over (between
+    consecutive metrics.jsonl rows)."""
 
     def __init__(self):
         self.times, self.tokens, self.losses, self._start, self._tokens = [], [], [], None, 0
@@ -176,77 +185,142 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _free():
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def first_layout_that_fits(spec: dict, attempt) -> dict:
+    """Try spec["layouts"] in order (largest micro-batch first); the first that trains without running out of memory
+    is the result. `attempt(batch, accum)` builds a fresh model and trainer and returns the timer's record."""
+    import torch
+
+    tried = []
+    for batch, accum in spec["layouts"]:
+        _free()
+        try:
+            result = attempt(batch, accum)
+        except torch.OutOfMemoryError:
+            tried.append(f"{batch}x{accum}: out of memory")
+            _free()
+            continue
+        result["layout"] = [batch, accum]
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        result["did_not_fit"] = tried
+        return result
+    return {"error": "no layout fits", "did_not_fit": tried}
+
+
 def trl_worker(spec: dict) -> dict:
-    """Plain TRL (its SFTConfig defaults: padded batches, gradient checkpointing on, bf16) or TRL's best documented
-    settings (padding_free=True, use_liger_kernel=True)."""
+    """TRL's SFTTrainer: trl_best = its best documented settings (padding_free + use_liger_kernel); trl_plain = its
+    defaults (padded batches); trl_best_varlen = trl_best with tuneforge's varlen attention plugged in."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    best = spec["contender"] == "trl_best"
-    # trl_equivalent: the plain TRL script with the settings tuneforge resolves on a CPU (padding-free batches, no
-    # checkpointing, no Liger, adamw_torch): the "within 5% of plain TRL" comparison
-    equivalent = spec["contender"] == "trl_equivalent"
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    best = spec["contender"] in ("trl_best", "trl_best_varlen")
     dtype = torch.bfloat16 if spec["device"] == "cuda" else torch.float32
     model_kwargs = {"dtype": dtype}
+    if spec["contender"] == "trl_best_varlen":
+        from tuneforge.speed import varlen
+
+        varlen.register()
+        model_kwargs["attn_implementation"] = varlen.NAME
     if spec["adapter"] == "qlora":
         from transformers import BitsAndBytesConfig
 
         model_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], **model_kwargs)
-    peft_config = None if spec["adapter"] == "full" else LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=TARGETS, task_type="CAUSAL_LM")
-    timer = StepTimer()
-    args = SFTConfig(output_dir=spec["workdir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
-                     gradient_accumulation_steps=spec["accum"], learning_rate=2e-4 if peft_config else 2e-5,
-                     logging_steps=1, report_to="none", save_strategy="no",
-                     **({} if best or equivalent else {"max_length": spec["max_length"]}),
-                     include_num_input_tokens_seen="non_padding", bf16=spec["device"] == "cuda",
-                     use_cpu=spec["device"] == "cpu", seed=42, dataloader_num_workers=0,
-                     # TRL's padding-free mode cannot truncate; the data here is already shorter than max_length
-                     **({"padding_free": True, "max_length": None, "use_liger_kernel": spec["device"] == "cuda"}
-                        if best else {}),
-                     **({"padding_free": True, "max_length": None, "gradient_checkpointing": False,
-                         "optim": "adamw_torch"} if equivalent else {}))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=spec["data"])["train"],
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[timer.make()])
-    trainer.train()
-    return {"times": timer.times, "tokens": timer.tokens, "losses": timer.losses,
-            "settings": {"gradient_checkpointing": bool(args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)),
-                         "padding_free": bool(getattr(args, "padding_free", False)), "liger": bool(args.use_liger_kernel)}}
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    data = load_dataset("json", data_files=spec["data_pc"])["train"]
+
+    def attempt(batch: int, accum: int) -> dict:
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], **model_kwargs)
+        peft_config = None if spec["adapter"] == "full" else LoraConfig(
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=TARGETS,
+            task_type="CAUSAL_LM")
+        timer = StepTimer()
+        args = SFTConfig(output_dir=spec["workdir"], max_steps=spec["steps"], per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=accum, learning_rate=lr_for(spec["adapter"]),
+                         lr_scheduler_type="linear", gradient_checkpointing=spec["checkpointing"],
+                         logging_steps=1, report_to="none", save_strategy="no",
+                         include_num_input_tokens_seen="non_padding", bf16=spec["device"] == "cuda",
+                         use_cpu=spec["device"] == "cpu", seed=42, dataloader_num_workers=0,
+                         # padding-free mode cannot truncate; the data is already shorter than max_length
+                         **({"padding_free": True, "max_length": None, "use_liger_kernel": spec["device"] == "cuda"}
+                            if best else {"max_length": spec["max_length"]}))
+        SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
+                   callbacks=[timer.make()]).train()
+        return {"times": timer.times, "tokens": timer.tokens, "losses": timer.losses,
+                "settings": {"gradient_checkpointing": spec["checkpointing"], "padding_free": best,
+                             "liger": best and spec["device"] == "cuda",
+                             "attention": model_kwargs.get("attn_implementation", "sdpa")}}
+
+    return first_layout_that_fits(spec, attempt)
+
+
+def unsloth_worker(spec: dict) -> dict:
+    """Unsloth's documented fast path: FastLanguageModel + get_peft_model (its own gradient checkpointing) + TRL."""
+    import unsloth  # noqa: F401  (must come first: it patches transformers/TRL)
+    import torch
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    data = load_dataset("json", data_files=spec["data_pc"])["train"]
+    checkpointing = "unsloth" if spec["checkpointing"] else False
+
+    def attempt(batch: int, accum: int) -> dict:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            spec["model"], max_seq_length=spec["max_length"], dtype=torch.bfloat16, load_in_4bit=spec["adapter"] == "qlora",
+            full_finetuning=spec["adapter"] == "full", local_files_only=True,
+            use_gradient_checkpointing=checkpointing)
+        if spec["adapter"] != "full":
+            model = FastLanguageModel.get_peft_model(model, r=LORA["r"], lora_alpha=LORA["alpha"],
+                                                     lora_dropout=LORA["dropout"], target_modules=TARGETS,
+                                                     use_gradient_checkpointing=checkpointing, random_state=42)
+        timer = StepTimer()
+        args = SFTConfig(output_dir=spec["workdir"], max_steps=spec["steps"], per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=accum, learning_rate=lr_for(spec["adapter"]),
+                         lr_scheduler_type="linear", logging_steps=1, report_to="none", save_strategy="no",
+                         max_length=None, include_num_input_tokens_seen="non_padding", bf16=True, seed=42,
+                         dataloader_num_workers=0, padding_free=True, gradient_checkpointing=False)
+        SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                   callbacks=[timer.make()]).train()
+        return {"times": timer.times, "tokens": timer.tokens, "losses": timer.losses,
+                "settings": {"gradient_checkpointing": checkpointing, "padding_free": True}}
+
+    return first_layout_that_fits(spec, attempt)
 
 
 def tuneforge_worker(spec: dict) -> dict:
-    """`tuneforge train` with its defaults (only the run's size set), or with every speed lever off."""
+    """`tuneforge train` with its defaults for 16 examples a step (its planner picks the micro-batch layout and the
+    checkpointing), or with one `speed:` setting changed (spec["speed"])."""
+    import torch
     from rich.console import Console
 
     from tuneforge.recipe import parse_recipe
+    from tuneforge.run import RunDir
     from tuneforge.train import train
 
-    off = spec["contender"] == "tuneforge_levers_off"
     recipe = {
-        "name": spec["contender"], "model": spec["model"],
+        "name": "tuneforge", "model": spec["model"],
         "data": {"train": spec["data"], "eval": spec["eval_data"]},
         "adapter": {"type": spec["adapter"], **({} if spec["adapter"] == "full" else
                                                 {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
                                                  "target_modules": TARGETS})},
-        "train": {"max_steps": spec["steps"], "batch_size": spec["batch"], "grad_accum": spec["accum"],
-                  "max_length": spec["max_length"], "report_to": [],
-                  **({"gradient_checkpointing": True} if off else {})},
+        "train": {"max_steps": spec["steps"], "batch_size": EXAMPLES_PER_STEP, "grad_accum": 1,
+                  "lr": lr_for(spec["adapter"]), "scheduler": "linear", "warmup": 0,
+                  "max_length": spec["max_length"], "report_to": []},
         "eval": {"baseline": False, "forgetting": False, "few_shot": 0, "max_examples": 1, "max_new_tokens": 4},
+        "speed": dict(spec.get("speed") or {}),
     }
-    if spec["adapter"] == "qlora":
-        recipe["train"]["optimizer"] = "adamw_torch"  # same optimizer as the TRL contenders
-    if off:
-        recipe["speed"] = {"padding_free": False, "liger": False, "fused_optimizer": False, "attention": "sdpa"}
-    if spec["contender"] in TUNEFORGE_VARIANTS:
-        recipe["speed"] = dict(TUNEFORGE_VARIANTS[spec["contender"]])
-    from tuneforge.run import RunDir
-
     try:
         run = train(parse_recipe(recipe), output=str(Path(spec["workdir"]) / "run"), console=Console(quiet=True),
                     doctor=False, overwrite=True)
@@ -257,43 +331,22 @@ def tuneforge_worker(spec: dict) -> dict:
         print(f"after training: {type(exc).__name__}: {exc}", file=sys.stderr)
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r and "eval_loss" not in r and "train_loss" not in r]
-    times, tokens, previous_time, previous_tokens = [], [], 0.0, 0
-    start = next((r["time"] for r in rows if "eval_loss" in r), 0.0)  # training starts after the base eval
-    previous_time = start
+    times, tokens = [], []
+    previous_time = next((r["time"] for r in rows if "eval_loss" in r), 0.0)  # training starts after the base eval
+    previous_tokens = 0
     for r in steps:
         times.append(r["time"] - previous_time)
         tokens.append(r["tokens_seen"] - previous_tokens)
         previous_time, previous_tokens = r["time"], r["tokens_seen"]
     saved = __import__("yaml").safe_load((run.path / "recipe.yaml").read_text())
     return {"times": times, "tokens": tokens, "losses": [r["loss"] for r in steps],
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "layout": [saved["train"]["batch_size"], saved["train"]["grad_accum"]],
             "settings": {"gradient_checkpointing": saved["train"]["gradient_checkpointing"], **saved["speed"]}}
 
 
-def unsloth_worker(spec: dict) -> dict:
-    """Unsloth's documented fast path: FastLanguageModel + get_peft_model (its gradient checkpointing) + TRL."""
-    import unsloth  # noqa: F401  (must come first: it patches transformers/TRL)
-    import torch
-    from datasets import load_dataset
-    from trl import SFTConfig, SFTTrainer
-    from unsloth import FastLanguageModel
-
-    model, tokenizer = FastLanguageModel.from_pretrained(spec["model"], max_seq_length=spec["max_length"],
-                                                         dtype=torch.bfloat16, load_in_4bit=spec["adapter"] == "qlora",
-                                                         full_finetuning=spec["adapter"] == "full", local_files_only=True)
-    if spec["adapter"] != "full":
-        model = FastLanguageModel.get_peft_model(model, r=LORA["r"], lora_alpha=LORA["alpha"],
-                                                 lora_dropout=LORA["dropout"], target_modules=TARGETS,
-                                                 use_gradient_checkpointing="unsloth", random_state=42)
-    timer = StepTimer()
-    args = SFTConfig(output_dir=spec["workdir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
-                     gradient_accumulation_steps=spec["accum"], learning_rate=2e-4, logging_steps=1, report_to="none",
-                     save_strategy="no", max_length=None, include_num_input_tokens_seen="non_padding",
-                     bf16=True, seed=42, dataloader_num_workers=0, padding_free=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=spec["data"])["train"],
-                         processing_class=tokenizer, callbacks=[timer.make()])
-    trainer.train()
-    return {"times": timer.times, "tokens": timer.tokens, "losses": timer.losses,
-            "settings": {"gradient_checkpointing": "unsloth", "padding_free": True}}
+WORKERS = {"tuneforge": tuneforge_worker, "trl_best": trl_worker, "trl_plain": trl_worker,
+           "trl_best_varlen": trl_worker, "unsloth": unsloth_worker}
 
 
 def worker(spec_path: str) -> None:
@@ -307,17 +360,22 @@ def worker(spec_path: str) -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.time()
-    fn = {"tuneforge": tuneforge_worker, "tuneforge_levers_off": tuneforge_worker,
-          **{name: tuneforge_worker for name in TUNEFORGE_VARIANTS}, "trl_plain": trl_worker,
-          "trl_equivalent": trl_worker, "trl_best": trl_worker, "unsloth": unsloth_worker}[spec["contender"]]
-    result = fn(spec)
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    result = WORKERS[spec["contender"]](spec)
     result["wall_s"] = round(time.time() - started, 1)
     import transformers
     import trl
 
     result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
     Path(spec["result"]).write_text(json.dumps(result))
+
+
+def helper_job(kind: str, arg: str, device: str) -> None:
+    """--build NAME:FOLDER and --peak run here, in a child process, so the driver never holds GPU memory."""
+    if kind == "build":
+        name, folder = arg.split(":", 1)
+        build_model(name, Path(folder), device)
+    else:
+        Path(arg).write_text(json.dumps(matmul_peak_tflops(device)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,40 +406,45 @@ def matmul_peak_tflops(device: str) -> float | None:
 def summarise(result: dict, warmup: int, flops_per_token: float, peak_tflops: float | None) -> dict:
     times, tokens = result["times"][warmup:], result["tokens"][warmup:]
     if not times:
-        return {"error": "no measured steps"}
-    per_step = statistics.median(times)
-    # the median of the steps' own rates: a step that stalls (a Triton kernel compiled for a new shape, a page of
-    # the data read) does not move it; the mean over all measured steps is kept beside it
-    tokens_per_s = statistics.median(n / t for n, t in zip(tokens, times))
-    out = {"tokens_per_s": round(tokens_per_s, 1), "tokens_per_s_mean": round(sum(tokens) / sum(times), 1),
-           "median_step_s": round(per_step, 4),
+        return {"error": "no measured steps", **{k: result.get(k) for k in ("did_not_fit",)}}
+    total = sum(tokens) / sum(times)
+    out = {"tokens_per_s": round(total, 1), "tokens_per_s_median_step": round(statistics.median(n / t for n, t in zip(tokens, times)), 1),
+           "measured_steps": len(times), "measured_s": round(sum(times), 2),
            "real_tokens_per_step": round(sum(tokens) / len(tokens), 1), "peak_gib": result.get("peak_gib"),
-           "losses": [round(x, 4) for x in result["losses"][:6]], "settings": result.get("settings"),
-           "measured_steps": len(times), "wall_s": result.get("wall_s"), "versions": result.get("versions")}
+           "layout": result.get("layout"), "did_not_fit": result.get("did_not_fit", []),
+           "losses": [round(x, 4) for x in result["losses"]], "settings": result.get("settings"),
+           "wall_s": result.get("wall_s"), "versions": result.get("versions")}
     if peak_tflops:
-        out["mfu_pct"] = round(100 * tokens_per_s * flops_per_token / (peak_tflops * 1e12), 1)
+        out["mfu_pct"] = round(100 * total * flops_per_token / (peak_tflops * 1e12), 1)
     return out
 
 
-def run_contender(contender: str, case: str, args, folder: Path, data: Path, eval_data: Path, device: str) -> dict:
-    model_name, adapter, batch, accum = CASES[case]
-    workdir = Path(args.workdir) / case / contender
+def child(args_list: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, __file__, *args_list], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_one(contender: str, case: str, args, folder: Path, data: Path, eval_data: Path, tag: str, *,
+            layouts: list, checkpointing: bool | None, speed: dict | None, steps: int) -> dict:
+    model_name, adapter, (_, max_length) = CASES[case]
+    workdir = Path(args.workdir) / case / contender / tag
     workdir.mkdir(parents=True, exist_ok=True)
-    spec = {"contender": contender, "model": str(folder), "adapter": adapter, "batch": batch, "accum": accum,
-            "steps": args.warmup + args.steps, "max_length": args.max_length, "data": str(data),
-            "eval_data": str(eval_data), "workdir": str(workdir), "device": device,
-            "result": str(workdir / "result.json"), "profile": args.profile}
+    spec = {"contender": contender, "model": str(folder), "adapter": adapter, "layouts": layouts,
+            "checkpointing": checkpointing, "speed": speed, "steps": steps, "max_length": max_length,
+            "data": str(data), "data_pc": str(pc_path(data)), "eval_data": str(eval_data), "workdir": str(workdir),
+            "device": args.device, "result": str(workdir / "result.json"), "profile": args.profile}
     (workdir / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ)
     if contender == "unsloth":
         if not args.unsloth_path or not Path(args.unsloth_path).is_dir():
             return {"error": "not run: no --unsloth-path with Unsloth and its pinned libraries"}
-        env["PYTHONPATH"] = os.pathsep.join([args.unsloth_path, env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([args.unsloth_path, str(ROOT / "src")])  # its pins only, not ours
         env["HF_HUB_OFFLINE"] = "1"
         env["UNSLOTH_DISABLE_STATISTICS"] = "1"
     started = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(workdir / "spec.json")], env=env,
-                          capture_output=True, text=True, timeout=args.timeout)
+    try:
+        proc = child(["--worker", str(workdir / "spec.json")], env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout}s"}
     (workdir / "log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-6:]
@@ -389,77 +452,186 @@ def run_contender(contender: str, case: str, args, folder: Path, data: Path, eva
     return json.loads((workdir / "result.json").read_text())
 
 
+def candidates(contender: str) -> list[dict]:
+    """What the sweep tries for a contender: per checkpointing setting, the micro-batches largest first."""
+    if contender == "tuneforge":
+        return [{"tag": name, "speed": speed, "layouts": None, "checkpointing": None}
+                for name, speed in TUNEFORGE_CANDIDATES.items()]
+    return [{"tag": f"ckpt-{'on' if ckpt else 'off'}", "speed": None, "layouts": LAYOUTS, "checkpointing": ckpt}
+            for ckpt in (False, True)]
+
+
+def sweep(contender: str, case: str, args, folder, data, eval_data, summary) -> dict:
+    """Short runs of each candidate; the fastest that fits is the contender's setting for the measured repeats."""
+    tried = {}
+    for cand in candidates(contender):
+        raw = run_one(contender, case, args, folder, data, eval_data, "sweep-" + cand["tag"], layouts=cand["layouts"],
+                      checkpointing=cand["checkpointing"], speed=cand["speed"], steps=args.sweep_warmup + args.sweep_steps)
+        tried[cand["tag"]] = raw if "error" in raw else summary(raw, args.sweep_warmup)
+        print(json.dumps({"case": case, "contender": contender, "sweep": cand["tag"],
+                          **{k: v for k, v in tried[cand["tag"]].items() if k != "losses"}}), flush=True)
+    fits = {tag: r for tag, r in tried.items() if "tokens_per_s" in r}
+    if not fits:
+        return {"tried": tried, "best": None}
+    # chosen by the median step rate: a sweep run is short, and a one-off stall in it (a Triton kernel compiled for a
+    # new shape) would decide the choice if total throughput did
+    tag = max(fits, key=lambda t: fits[t]["tokens_per_s_median_step"])
+    cand = next(c for c in candidates(contender) if c["tag"] == tag)
+    layout = fits[tag]["layout"]
+    return {"tried": tried, "best": {**cand, "layouts": [layout] if cand["layouts"] else None, "layout": layout}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker")
-    parser.add_argument("--cases", default="llama-1b-lora,llama-8b-lora,qwen2-1.5b-lora,llama-1b-qlora,llama-1b-full")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--table", nargs="+", help="print the markdown table of these results files")
+    parser.add_argument("--build")
+    parser.add_argument("--peak")
+    parser.add_argument("--cases", default="llama-1b-lora,llama-8b-lora,llama-8b-qlora,llama-1b-full,qwen2-1.5b-lora,"
+                                           "llama-1b-lora-8k")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"also: {', '.join(OPTIONAL)}")
+    parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per repeat (>= 20)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sweep-steps", type=int, default=6)
+    parser.add_argument("--sweep-warmup", type=int, default=2)
     parser.add_argument("--examples", type=int, default=1200)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp") + "/tuneforge-speed")
     parser.add_argument("--unsloth-path", default=None, help="a pip --target folder with Unsloth and its pinned libs")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep (its choices go to --out)")
+    parser.add_argument("--sweep-from", default=None, help="a results JSON whose sweep choices to use (no new sweep)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEP",
                         help="profile steps STEP+1.. of each contender (bench/step_profiler.py: PROFILE.txt in its "
                              "work folder); timings of profiled runs are not comparable")
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
+    if args.table:
+        return print(table(args.table))
+    if args.build or args.peak:
+        return helper_job("build" if args.build else "peak", args.build or args.peak, args.device)
 
     from tuneforge.memory import flops_per_token
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data, eval_data = workdir / "train.jsonl", workdir / "eval.jsonl"
-    lengths = make_data(data, args.examples, args.max_length, seed=0)
-    make_data(eval_data, 8, args.max_length, seed=1)
-    peak = matmul_peak_tflops(args.device)
-    report = {"date": time.strftime("%Y-%m-%d"), "device": _device_name(args.device), "matmul_peak_tflops": peak,
-              "data_lengths": lengths, "lora": LORA, "warmup": args.warmup, "steps": args.steps, "cases": {}}
+    peak_file = workdir / "peak.json"
+    child(["--peak", str(peak_file), "--device", args.device])
+    peak = json.loads(peak_file.read_text()) if peak_file.exists() else None
+    report = {"date": time.strftime("%Y-%m-%d"), "device": device_name(args.device), "matmul_peak_tflops": peak,
+              "lora": LORA, "examples_per_step": EXAMPLES_PER_STEP, "warmup": args.warmup, "steps": args.steps,
+              "repeats": args.repeats, "cases": {}}
     print(json.dumps({k: v for k, v in report.items() if k != "cases"}), flush=True)
     contenders = args.contenders.split(",")
-    for index, case in enumerate(args.cases.split(",")):
-        model_name, adapter, batch, accum = CASES[case]
-        folder = build_model(model_name, workdir, args.device)
-        useful = flops_per_token(model_config(model_name), adapter=adapter, seq_len=int(lengths["mean"]))
-        order = contenders if index % 2 == 0 else list(reversed(contenders))
-        results = {}
-        for contender in order:
-            raw = run_contender(contender, case, args, folder, data, eval_data, args.device)
-            results[contender] = raw if "error" in raw else summarise(raw, args.warmup, useful, peak)
-            print(json.dumps({"case": case, "contender": contender, **results[contender]}), flush=True)
-        results["order"] = order
-        results["ratios"] = ratios(results)
-        report["cases"][case] = results
-        print(json.dumps({"case": case, "ratios": results["ratios"]}), flush=True)
+
+    def save():
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+
+    for index, case in enumerate(args.cases.split(",")):
+        model_name, adapter, (median, max_length) = CASES[case]
+        folder = workdir / f"random-{model_name}"
+        if not (folder / "config.json").is_file():
+            proc = child(["--build", f"{model_name}:{folder}", "--device", args.device])
+            if proc.returncode:
+                raise SystemExit(proc.stderr[-2000:])
+        data, eval_data = workdir / f"train-{int(median)}.jsonl", workdir / f"eval-{int(median)}.jsonl"
+        lengths = make_data(data, args.examples, max_length, seed=0, median=median)
+        make_data(eval_data, 8, max_length, seed=1, median=median)
+        useful = flops_per_token(model_config(model_name), adapter=adapter, seq_len=int(lengths["mean"]))
+
+        def summary(raw, warmup):
+            return summarise(raw, warmup, useful, peak)
+
+        entry = report["cases"][case] = {"data_lengths": lengths, "max_length": max_length, "sweep": {}, "repeats": []}
+        earlier = json.loads(Path(args.sweep_from).read_text())["cases"].get(case, {}) if args.sweep_from else {}
+        for contender in contenders:
+            if contender in earlier.get("sweep", {}):
+                entry["sweep"][contender] = {**earlier["sweep"][contender], "from": args.sweep_from}
+            else:
+                entry["sweep"][contender] = sweep(contender, case, args, folder, data, eval_data, summary)
+            save()
+        for repeat in range(0 if args.sweep_only else args.repeats):
+            order = contenders if (index + repeat) % 2 == 0 else list(reversed(contenders))
+            results = {"order": order}
+            for contender in order:
+                best = entry["sweep"][contender]["best"]
+                if best is None:
+                    results[contender] = {"error": "nothing fits"}
+                    continue
+                raw = run_one(contender, case, args, folder, data, eval_data, f"repeat-{repeat}",
+                              layouts=best["layouts"], checkpointing=best["checkpointing"], speed=best["speed"],
+                              steps=args.warmup + args.steps)
+                results[contender] = raw if "error" in raw else summary(raw, args.warmup)
+                print(json.dumps({"case": case, "repeat": repeat, "contender": contender,
+                                  **{k: v for k, v in results[contender].items() if k != "losses"}}), flush=True)
+            entry["repeats"].append(results)
+            entry["summary"] = combine(entry["repeats"], contenders)
+            save()
+        print(json.dumps({"case": case, "summary": entry.get("summary")}), flush=True)
+    save()
 
 
-def ratios(results: dict) -> dict:
-    ours = results.get("tuneforge", {})
+def combine(repeats: list[dict], contenders: list[str]) -> dict:
+    """Per contender: mean total throughput over the repeats with min/max, peak memory, MFU; ratios of tuneforge's
+    mean to each other contender's mean, with the range from the repeats' extremes."""
     out = {}
-    for other in ("trl_plain", "trl_best", "trl_equivalent", "unsloth", "tuneforge_levers_off", *TUNEFORGE_VARIANTS):
-        theirs = results.get(other, {})
-        if "tokens_per_s" in ours and "tokens_per_s" in theirs:
-            out[f"speed_vs_{other}"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
-            if ours.get("peak_gib") and theirs.get("peak_gib"):
-                out[f"memory_vs_{other}"] = round(ours["peak_gib"] / theirs["peak_gib"], 3)
+    for contender in contenders:
+        rates = [r[contender]["tokens_per_s"] for r in repeats if "tokens_per_s" in r.get(contender, {})]
+        if not rates:
+            continue
+        runs = [r[contender] for r in repeats if "tokens_per_s" in r.get(contender, {})]
+        out[contender] = {"tokens_per_s": round(statistics.mean(rates), 1), "min": min(rates), "max": max(rates),
+                          "repeats": len(rates),
+                          "median_step_rate": round(statistics.mean(x["tokens_per_s_median_step"] for x in runs), 1),
+                          "peak_gib": round(max(x["peak_gib"] or 0 for x in runs), 2), "layout": runs[0]["layout"],
+                          "settings": runs[0]["settings"], "mfu_pct": runs[0].get("mfu_pct") and round(
+                              statistics.mean(x["mfu_pct"] for x in runs), 1),
+                          "mean_loss": round(statistics.mean(statistics.mean(x["losses"]) for x in runs if x["losses"]), 4)}
+    ours = out.get("tuneforge")
+    if ours:
+        for other, theirs in out.items():
+            if other != "tuneforge":
+                ours[f"speed_vs_{other}"] = {"ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
+                                             "range": [round(ours["min"] / theirs["max"], 3),
+                                                       round(ours["max"] / theirs["min"], 3)]}
+                if ours["peak_gib"] and theirs["peak_gib"]:
+                    ours[f"memory_vs_{other}"] = round(ours["peak_gib"] / theirs["peak_gib"], 3)
     return out
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     if device != "cuda":
         return "cpu"
-    import torch
+    proc = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else "cuda"
 
-    return torch.cuda.get_device_name(0)
+
+def table(paths: list[str]) -> str:
+    """The markdown table of one or more results files (python bench/speed.py --table a.json b.json)."""
+    lines = ["| case | contender | best setting (micro-batch x accum, checkpointing) | tokens/s (mean of repeats) | "
+             "min-max | median step rate | peak GiB | MFU % | mean loss |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ratios = []
+    for path in paths:
+        for case, entry in json.loads(Path(path).read_text())["cases"].items():
+            for contender, s in entry.get("summary", {}).items():
+                ckpt = s["settings"].get("gradient_checkpointing")
+                if contender == "tuneforge":
+                    ckpt = f"every {s['settings'].get('checkpoint_every', 1)} layer(s), layout {s['settings'].get('layout')}" if ckpt else "off"
+                lines.append(f"| {case} | {contender} | {s['layout'][0]}x{s['layout'][1]}, {ckpt} | {s['tokens_per_s']:,.0f} | "
+                             f"{s['min']:,.0f}-{s['max']:,.0f} | {s['median_step_rate']:,.0f} | {s['peak_gib']:.1f} | "
+                             f"{s['mfu_pct']} | {s['mean_loss']} |")
+                for key, value in s.items():
+                    if key.startswith("speed_vs_"):
+                        other = key[len("speed_vs_"):]
+                        ratios.append(f"| {case} | {other} | {value['ratio']:.2f}x | {value['range'][0]:.2f}-{value['range'][1]:.2f} | "
+                                      f"{s.get('memory_vs_' + other, '')} |")
+    return "\n".join(lines + ["", "| case | tuneforge vs | speed ratio | range over repeats | memory ratio |",
+                              "| --- | --- | ---: | ---: | ---: |", *ratios])
 
 
 if __name__ == "__main__":
