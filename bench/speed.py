@@ -92,18 +92,23 @@ def model_config(name: str):
     return reference_config(name)
 
 
-def build_model(name: str, folder: Path, device: str) -> None:
-    """Random-init checkpoint + the byte tokenizer (run in a child process: the driver keeps no GPU memory)."""
+def build_model(name: str, workdir: Path, device: str) -> Path:
+    """Random-init checkpoint + the byte tokenizer in <workdir>/random-<name>, written once (the driver below calls it
+    in a child process, so it keeps no GPU memory; bench/two_gpu.py calls it directly)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from plan_vs_measured import byte_tokenizer
 
+    folder = Path(workdir) / f"random-{name}"
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return folder
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(model_config(name), dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
+    return folder
 
 
 def make_data(path: Path, n: int, max_length: int, seed: int = 0, median: float = 350.0, sigma: float = 0.9) -> dict:
@@ -372,8 +377,8 @@ def worker(spec_path: str) -> None:
 def helper_job(kind: str, arg: str, device: str) -> None:
     """--build NAME:FOLDER and --peak run here, in a child process, so the driver never holds GPU memory."""
     if kind == "build":
-        name, folder = arg.split(":", 1)
-        build_model(name, Path(folder), device)
+        name, workdir = arg.split(":", 1)
+        build_model(name, Path(workdir), device)
     else:
         Path(arg).write_text(json.dumps(matmul_peak_tflops(device)))
 
@@ -535,7 +540,7 @@ def main() -> None:
         model_name, adapter, (median, max_length) = CASES[case]
         folder = workdir / f"random-{model_name}"
         if not (folder / "config.json").is_file():
-            proc = child(["--build", f"{model_name}:{folder}", "--device", args.device])
+            proc = child(["--build", f"{model_name}:{workdir}", "--device", args.device])
             if proc.returncode:
                 raise SystemExit(proc.stderr[-2000:])
         data, eval_data = workdir / f"train-{int(median)}.jsonl", workdir / f"eval-{int(median)}.jsonl"
