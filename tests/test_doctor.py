@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tuneforge.errors import RecipeError
 from tuneforge.guide.doctor import (
     CHECKS,
     Context,
@@ -327,5 +328,7 @@ def test_lora_rank_against_the_adapted_layers():
     assert "at most 32" in finding.fix and "adapter.r" in finding.where
     only_q = fake_recipe(adapter={"r": 48, "target_modules": ["q_proj"]})
     assert "lora-rank-too-large" not in [f.code for f in run_doctor(only_q, model_config=config)]
-    full = fake_recipe(adapter={"type": "full", "r": 48}, train={"lr": 2e-5})
+    full = fake_recipe(adapter={"type": "full"}, train={"lr": 2e-5})  # no LoRA rank to check
     assert "lora-rank-too-large" not in [f.code for f in run_doctor(full, model_config=config)]
+    with pytest.raises(RecipeError, match="adapter.r"):  # a rank given to full fine-tuning is refused by the schema
+        fake_recipe(adapter={"type": "full", "r": 48}, train={"lr": 2e-5})

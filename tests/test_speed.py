@@ -15,7 +15,9 @@ from tuneforge.train import train
 def run_steps(tmp_path, tiny_model_dir, small_sft_file, name, *, speed=None, adapter=None, train_section=None):
     recipe = parse_recipe(tiny_recipe(
         tiny_model_dir, small_sft_file,
-        adapter={"type": "full", "dropout": 0.0, **(adapter or {})},
+        # dropout 0 keeps LoRA runs deterministic; full fine-tuning has no dropout key (the schema refuses it)
+        adapter={"type": "full", **({"dropout": 0.0} if (adapter or {}).get("type") in ("lora", "qlora") else {}),
+                 **(adapter or {})},
         train={"max_steps": 4, "lr": 1e-3, "scheduler": "constant", "batch_size": 4, "grad_accum": 2,
                **(train_section or {})},
         eval={"baseline": False, "forgetting": False, "max_examples": 1, "few_shot": 0},

@@ -1,4 +1,6 @@
-"""recipe.adapter -> the PEFT config, applied to a loaded model (LoRA, DoRA, rsLoRA, PiSSA/OLoRA init, QLoRA).
+"""recipe.adapter -> the adapter, applied to a loaded model: LoRA (DoRA, rsLoRA, PiSSA/OLoRA init, bias), QLoRA here;
+AdaLoRA, IA3 and the soft prompts in adapter_peft.py; the bottleneck adapter in bottleneck.py; the full-parameter
+memory savers (GaLore, LISA, Spectrum, freeze) in full_savers.py. adapter_kinds.py is the table of types.
 
 Target modules are checked against the model before anything trains: a name that matches no module is an
 error that lists the linear modules the model has (the "LoRA target modules that match nothing" bug).
@@ -55,7 +57,7 @@ def lora_config(adapter):
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
-        bias="none",
+        bias=adapter.bias,
         target_modules=adapter.target_modules,
         modules_to_save=adapter.modules_to_save or None,
         use_dora=adapter.use_dora,
@@ -66,20 +68,51 @@ def lora_config(adapter):
     )
 
 
-def apply_adapter(model, recipe, *, gradient_checkpointing: bool = False):
-    """Wrap the model for training as the recipe says. Full fine-tuning returns the model with all weights trainable."""
+def apply_adapter(model, recipe, *, gradient_checkpointing: bool = False, tokenizer=None):
+    """Wrap the model for training as the recipe says. Full fine-tuning returns the model with all weights trainable;
+    the full-parameter savers return it with the weights they train trainable (full_savers.py)."""
+    from tuneforge.adapter_kinds import FULL_SAVERS, LORA_TYPES
+
     adapter = recipe.adapter
-    if adapter.type in ("full", "none"):
+    if adapter.type in ("full", "none", *FULL_SAVERS):
         for parameter in model.parameters():
             parameter.requires_grad_(True)
+        if adapter.type in FULL_SAVERS:
+            from tuneforge.full_savers import apply_full_saver
+
+            apply_full_saver(model, recipe)
         return model
+    if adapter.type == "bottleneck":
+        from tuneforge.bottleneck import add_bottlenecks
+
+        return add_bottlenecks(model, adapter)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    check_target_modules(model, adapter.target_modules)
-    if adapter.type == "qlora":
+    if adapter.type in (*LORA_TYPES, "adalora") or adapter.target_modules != "all-linear":
+        check_target_modules(model, adapter.target_modules)
+    if adapter.quantized:
         # Freezes the 4-bit base and casts norms to fp32 for stable training (seed 000 step 5).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return get_peft_model(model, lora_config(adapter))
+    if adapter.type in LORA_TYPES:
+        return get_peft_model(model, lora_config(adapter))
+    from tuneforge.adapter_peft import apply_peft_type
+
+    return apply_peft_type(model, adapter, tokenizer)
+
+
+def install_adapter_hooks(trainer, recipe) -> None:
+    """What an adapter type needs from the training loop (AdaLoRA's budget step, soft prompts' encoder in
+    checkpoints, LISA's layer switches, GaLore's optimizer targets), installed on the built trainer before train()."""
+    from tuneforge.adapter_kinds import FULL_SAVERS
+
+    if recipe.adapter.type in ("adalora", "prompt_tuning", "prefix_tuning", "p_tuning"):
+        from tuneforge.adapter_peft import install_peft_hooks
+
+        install_peft_hooks(trainer, recipe.adapter)
+    elif recipe.adapter.type in FULL_SAVERS:
+        from tuneforge.full_savers import install_saver_hooks
+
+        install_saver_hooks(trainer, recipe)
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -24,10 +24,10 @@ PICKLED_EXTRAS = ("training_args.bin",)
 def portable_base_name(name: str) -> str:
     """What an adapter should name as its base: the hub id of the embedded model, a hub id as given, or the absolute
     path of a local folder."""
-    from tuneforge.models import EMBEDDED_HUB_ID
+    from tuneforge.models import EMBEDDED_HUB_ID, EMBEDDED_HUB_IDS
 
     if name.startswith("embedded:"):
-        return EMBEDDED_HUB_ID
+        return EMBEDDED_HUB_IDS.get(name, EMBEDDED_HUB_ID)
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
 

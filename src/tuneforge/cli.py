@@ -138,11 +138,15 @@ def plan(
     vram: Optional[float] = typer.Option(None, help="GPU memory in GB (instead of --gpu)."),
     seq_len: Optional[int] = typer.Option(None, help="Sequence length (default: the recipe's max_length)."),
     batch_size: Optional[int] = typer.Option(None, help="Micro-batch size (default: the recipe's)."),
+    adapters: Optional[str] = typer.Option(None, help="More adapter types to plan, comma-separated (ia3,galore,lisa,"
+                                           "spectrum,freeze,prompt_tuning,...), or all."),
 ):
-    """Memory and time estimate for full FT, LoRA and QLoRA, the largest batch that fits, and a verdict."""
-    from tuneforge.guide.plan import make_plan, render_plan
+    """Memory and time estimate for full FT, LoRA and QLoRA (and the recipe's adapter type), the largest batch that
+    fits, and a verdict."""
+    from tuneforge.guide.plan import make_plan, parse_adapter_list, render_plan
 
-    render_plan(console, make_plan(source, gpu=gpu, vram_gb=vram, seq_len=seq_len, batch_size=batch_size))
+    render_plan(console, make_plan(source, gpu=gpu, vram_gb=vram, seq_len=seq_len, batch_size=batch_size,
+                                   adapters=parse_adapter_list(adapters)))
 
 
 @app.command()
@@ -324,12 +328,14 @@ def data_preview(
 def _register_rooms() -> None:
     """Commands that live in their own rooms (each module's register(app) adds them; imports stay light)."""
     from tuneforge.board.commands import register as board
+    from tuneforge.compare.commands import register as compare
     from tuneforge.deploy.commands import register as deploy
     from tuneforge.rate.commands import register as rate
 
     deploy(app)
     board(app)
     rate(app)
+    compare(app)
 
 
 _register_rooms()

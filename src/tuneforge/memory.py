@@ -92,6 +92,10 @@ GIB = 2**30
 # otherwise): the recipe's default (recipe.py imports it from here) and what a plan assumes when none is given (an
 # adapter the recipe does not use, e.g. a fit_verdict trial or a `tuneforge plan` row).
 DEFAULT_OPTIMIZER = {"lora": "adamw_torch", "qlora": "paged_adamw_8bit", "full": "adamw_torch", "none": "adamw_torch"}
+# The other adapter types (adapter_kinds.py): plain AdamW, and GaLore's own optimizer (projected states).
+DEFAULT_OPTIMIZER.update({t: "adamw_torch" for t in ("adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
+                                                     "bottleneck", "lisa", "spectrum", "freeze")})
+DEFAULT_OPTIMIZER["galore"] = "galore_adamw"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,6 +237,8 @@ def plan_memory(
     quant_bits: int = 4,
     double_quant: bool = True,
     fused_lm_head: bool = True,
+    adapter_options: dict | None = None,
+    quantize_base: bool = False,
 ) -> dict[str, Any]:
     """Peak training memory for one micro-batch of `batch_size` x `seq_len` tokens, broken down by part.
 
@@ -242,8 +248,19 @@ def plan_memory(
     """
     shape = config if isinstance(config, ModelShape) else model_shape(config)
     adapter = "full" if adapter == "none" else adapter
+    if adapter == "lora" and quantize_base:
+        adapter = "qlora"
     if adapter not in ("full", "lora", "qlora"):
-        raise ValueError(f"adapter must be full, lora or qlora (got {adapter!r})")
+        if adapter not in DEFAULT_OPTIMIZER:
+            raise ValueError(f"adapter must be one of {', '.join(DEFAULT_OPTIMIZER)} (got {adapter!r})")
+        from tuneforge.memory_adapters import plan_other  # the other types (adapter_kinds.py), same parts
+
+        parts = plan_other(shape, adapter, seq_len=seq_len, batch_size=batch_size,
+                           gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, dtype=dtype,
+                           options=adapter_options, quant_bits=quant_bits, double_quant=double_quant,
+                           fused_lm_head=fused_lm_head, quantized=quantize_base)
+        return _totals(parts, shape, adapter=adapter, dtype=dtype, seq_len=seq_len, batch_size=batch_size,
+                       gradient_checkpointing=gradient_checkpointing)
     optimizer = optimizer or DEFAULT_OPTIMIZER[adapter]
     c = DTYPE_BYTES[dtype]
     tokens = batch_size * seq_len
@@ -296,23 +313,33 @@ def plan_memory(
     else:
         lm_head = tokens * shape.vocab * (c + 12)
 
-    total = weights + gradients + optimizer_states + max(activations + lm_head, step_temp)
+    parts = {"weights": weights, "gradients": gradients, "optimizer_states": optimizer_states,
+             "optimizer_step_temp": step_temp, "activations": activations, "lm_head": lm_head,
+             "params_trainable": trainable, "optimizer": optimizer}
+    return _totals(parts, shape, adapter=adapter, dtype=dtype, seq_len=seq_len, batch_size=batch_size,
+                   gradient_checkpointing=gradient_checkpointing)
+
+
+def _totals(parts: dict, shape: ModelShape, **settings) -> dict[str, Any]:
+    """The plan's parts with the peak (allocated) and what the GPU shows (reserved)."""
+    total = parts["weights"] + parts["gradients"] + parts["optimizer_states"] + max(
+        parts["activations"] + parts["lm_head"], parts["optimizer_step_temp"])
     reserved = total * (1 + FRAGMENTATION) + CONTEXT_GIB * GIB
     return {
-        "adapter": adapter,
-        "optimizer": optimizer,
-        "dtype": dtype,
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-        "gradient_checkpointing": gradient_checkpointing,
+        "adapter": settings["adapter"],
+        "optimizer": parts["optimizer"],
+        "dtype": settings["dtype"],
+        "seq_len": settings["seq_len"],
+        "batch_size": settings["batch_size"],
+        "gradient_checkpointing": settings["gradient_checkpointing"],
         "params_total": shape.params_total,
-        "params_trainable": trainable,
-        "weights": weights,
-        "gradients": gradients,
-        "optimizer_states": optimizer_states,
-        "optimizer_step_temp": step_temp,
-        "activations": activations,
-        "lm_head": lm_head,
+        "params_trainable": parts["params_trainable"],
+        "weights": parts["weights"],
+        "gradients": parts["gradients"],
+        "optimizer_states": parts["optimizer_states"],
+        "optimizer_step_temp": parts["optimizer_step_temp"],
+        "activations": parts["activations"],
+        "lm_head": parts["lm_head"],
         "total": total,
         "reserved": reserved,
         "total_gib": total / GIB,
@@ -347,7 +374,7 @@ def fits(config, *, vram_gib: float, **settings) -> bool:
 def flops_per_token(config, *, adapter: str = "lora", seq_len: int = 2048, gradient_checkpointing: bool = False) -> float:
     shape = config if isinstance(config, ModelShape) else model_shape(config)
     forward = 2 * shape.params_matmul + 2 * shape.layers * shape.q_dim * seq_len
-    passes = 3.0 if adapter in ("full", "none") else 2.0
+    passes = 3.0 if adapter in ("full", "none", "galore", "lisa", "spectrum", "freeze") else 2.0
     if gradient_checkpointing:
         passes += 1.0
     return passes * forward
@@ -357,7 +384,7 @@ def estimate_seconds(config, *, tokens: float, gpu: GpuSpec, adapter: str = "lor
                      gradient_checkpointing: bool = False) -> float:
     """Wall-clock estimate for training on `tokens` tokens (module docstring: assumed utilisation)."""
     adapter = "full" if adapter == "none" else adapter
-    rate = gpu.tflops * 1e12 * UTILISATION[adapter]
+    rate = gpu.tflops * 1e12 * UTILISATION.get(adapter, UTILISATION["lora"])
     return tokens * flops_per_token(config, adapter=adapter, seq_len=seq_len,
                                     gradient_checkpointing=gradient_checkpointing) / rate
 
@@ -455,6 +482,10 @@ def recipe_settings(recipe, *, gpu: GpuSpec | None = None, **changes) -> dict[st
         lora_r=a.r, target_modules=a.target_modules, lora_dropout=a.dropout, modules_to_save=list(a.modules_to_save),
         quant_bits=q.bits, double_quant=q.double_quant,
     )
+    if a.type not in ("lora", "qlora", "full", "none"):  # the other types' knobs (memory_adapters.py)
+        from tuneforge.memory_adapters import adapter_options
+
+        settings.update(adapter_options=adapter_options(a), quantize_base=a.quantize_base)
     settings.update(changes)
     return settings
 

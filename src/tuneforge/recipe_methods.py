@@ -115,6 +115,43 @@ class DistillSection(_Section):
     top_k: int = Field(20, ge=1, le=1000, description="distill: teacher log-probs kept per answer position.")
 
 
+class ClassifySection(_Section):
+    """method: classify (methods/classify.py): a classification head on an encoder or a decoder."""
+
+    labels: list[str] | None = Field(None, description="classify: the label set, in the order of the head's outputs "
+                                     "(e.g. [negative, positive]); None = every label in the training data, sorted. A "
+                                     "data label outside this list is an error naming its line.")
+    text_field: str = Field("text", min_length=1, description="classify: the record field holding the text.")
+    pair_field: str = Field("text_pair", min_length=1, description="classify: the record field holding the second text "
+                            "of a pair (entailment, paraphrase); records without it are single texts.")
+    label_field: str = Field("label", min_length=1, description="classify: the record field holding the label (a "
+                             "string, or a number read as its text).")
+    class_weights: bool = Field(False, description="classify: weight the cross-entropy by inverse class frequency in "
+                                "the training data (imbalanced labels).")
+
+    @model_validator(mode="after")
+    def _labels_distinct(self) -> ClassifySection:
+        if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)):
+            raise ValueError("classify.labels must name at least two distinct labels")
+        return self
+
+
+class RFTSection(_Section):
+    """method: rft (methods/rft.py): rounds of sample -> score with rl.rewards -> keep -> SFT."""
+
+    rounds: int = Field(3, ge=1, le=100, description="rft: rounds of sample -> score -> keep -> SFT; each round "
+                        "samples from the model the previous round trained.")
+    samples_per_prompt: int = Field(4, ge=1, le=64, description="rft: answers sampled per training prompt each round.")
+    keep: Literal["best", "passing"] = Field("best", description="rft: best = the highest-reward passing answer of each "
+                                             "prompt | passing = every distinct answer whose reward reaches threshold.")
+    threshold: float = Field(1.0, description="rft: an answer passes when its total reward (rl.rewards, weighted sum) "
+                             "is at least this (1.0 = a weight-1 exact_answer reward met).")
+    temperature: float = Field(1.0, gt=0, description="rft: sampling temperature of the answers.")
+    top_p: float = Field(1.0, gt=0, le=1, description="rft: nucleus sampling of the answers (1.0 = off).")
+    prompts_per_round: int | None = Field(None, gt=0, description="rft: training prompts sampled each round (a seeded "
+                                          "random subset); None = all.")
+
+
 class SpeedSection(_Section):
     """Speed levers (src/tuneforge/speed/); auto = on where it is safe, decided when the run starts and saved."""
 

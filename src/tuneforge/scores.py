@@ -7,7 +7,9 @@ declaration (`Method.hooks["scores"]`), plus the general-ability probe every pol
   loss        the held-out loss only (continued pre-training: plain text has no answers to score)
   pairwise    a reward model's held-out pairwise accuracy, r(chosen) > r(rejected), before (untrained head) and after
   rewards     greedy completions for held-out prompts scored by every reward (mean, per reward, pass rate), and the
-              KL to the reference over training from metrics.jsonl
+              KL to the reference over training from metrics.jsonl (rft: and each round's acceptance and reward)
+  classification  a classification head's accuracy, macro-F1, per-class scores and confusion matrix, beside the
+              majority class and the prompted base model (evaluate/classification.py)
 
 Each scorer writes its files under the run's eval/ as it goes, so a resumed run keeps its "before" numbers, and
 returns the fields it adds to summary.json.
@@ -183,18 +185,25 @@ class RewardsScorer(Scorer):
         from tuneforge.evaluate.held_out_rewards import describe_rewards, kl_summary
 
         ctx = self.ctx
-        after = self.score(model, ctx.tokenizer, label="tuned")
+        # rft scores the held-out prompts after each round; its last round's score is the tuned model's
+        after = getattr(trainer, "final_held_out", None) or self.score(model, ctx.tokenizer, label="tuned")
         result = {"before": self.before_result, "after": after}
         ctx.run.write_json("eval/rewards.json", result)
         describe_rewards(ctx.console, "tuned", after)
-        return {"metrics": {}, "n_eval": after["n"], "rl": result, "kl": kl_summary(ctx.run)}
+        rounds = {"rft": trainer.rft_summary} if hasattr(trainer, "rft_summary") else {}
+        return {"metrics": {}, "n_eval": after["n"], "rl": result, "kl": kl_summary(ctx.run), **rounds}
 
 
 SCORERS = {"generation": GenerationScorer, "loss": Scorer, "pairwise": PairwiseScorer, "rewards": RewardsScorer}
 
 
 def scorer_for(ctx) -> Scorer:
-    return SCORERS[ctx.spec.hooks.get("scores", "loss")](ctx)
+    kind = ctx.spec.hooks.get("scores", "loss")
+    if kind == "classification":  # a classification head's accuracy, macro-F1, confusion (method classify)
+        from tuneforge.evaluate.classification import ClassificationScorer
+
+        return ClassificationScorer(ctx)
+    return SCORERS[kind](ctx)
 
 
 def score_model(model, ctx, examples, *, label: str) -> dict:

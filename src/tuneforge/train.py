@@ -27,7 +27,7 @@ from tuneforge.run import RunContext, RunDir, environment, release_run, start_ru
 
 # Sections a method reads only when its declaration says so (Method.reads): a recipe that sets keys there for a
 # method that ignores them is refused, naming the key.
-METHOD_SECTIONS = ("preference", "rl", "distill")
+METHOD_SECTIONS = ("preference", "rl", "distill", "classify", "rft")
 
 
 def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False, console=None,
@@ -40,9 +40,14 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
 
     console = console or Console()
     if recipe.federated is not None:  # rounds of client training on Flower, each client a run of this recipe
-        from tuneforge.federated import train_federated
+        import sys
 
-        return train_federated(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
+        from tuneforge.federated.pieces import Pieces
+        from tuneforge.federated.run import train_federated
+
+        life = Pieces.from_life(sys.modules[__name__])  # this module's functions: federated/ never imports train.py
+        return train_federated(recipe, output=output, overwrite=overwrite, console=console, resume=resume,
+                               doctor=doctor, pieces=life)
     if recipe.stages:  # multi-stage: each stage is a run of its own under this run directory
         from tuneforge.stages import train_stages
 
@@ -87,6 +92,9 @@ def train(recipe: Recipe, *, output: str | None = None, overwrite: bool = False,
 
     lengths = [len(e.input_ids) for e in data.train if hasattr(e, "input_ids")] if spec.data != "prompts" else []
     recipe = resolve_for_run(recipe, console, lengths or None)  # a new recipe: levers decided for this device
+    from tuneforge.adapter_checks import check_adapter_for_run
+
+    check_adapter_for_run(recipe, data, lengths)  # soft prompt vs context; AdaLoRA's step count (adapter.total_step)
     if doctor and not resume:  # preflight checks: errors stop here, before a run directory exists
         run_doctor(recipe, tokenizer, data, console)
     absolute_paths(recipe)  # on the run's own (resolved) copy: the caller's recipe is not changed
@@ -165,6 +173,10 @@ def prepare_method_data(recipe: Recipe, tokenizer, spec):
         from tuneforge.data.preference import prepare_preference_data
 
         return prepare_preference_data(recipe, tokenizer, resolve)
+    if spec.data == "labels":
+        from tuneforge.data.labels import prepare_label_data
+
+        return prepare_label_data(recipe, tokenizer, resolve)
     if spec.data == "prompts":
         from tuneforge.data.prompts import prepare_prompt_data
 
@@ -253,7 +265,8 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
     # Before training: the method's scores of the base model, and the general-ability probe.
     scorer = scorer_for(ctx)
     scorer.before(model, resumed=resumed)
-    probe_before = probe_before_training(ctx, model, resumed=resumed) if spec.family != "reward" else None
+    generates = spec.family not in ("reward", "classification")  # a policy: the general probe applies
+    probe_before = probe_before_training(ctx, model, resumed=resumed) if generates else None
     losses_before = held_out_losses(ctx, model, "base", resumed=resumed)
     model = apply_training_adapter(ctx, model, adapter_loaded)
     console.print(describe_trainable(model))
@@ -266,7 +279,8 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
 
     trainer, numerical, interrupt, plateau = build_guarded_trainer(ctx, model, train_dataset, eval_dataset)
     prepare_trainer(trainer, recipe)
-    measures_loss = spec.family in ("supervised", "preference", "distillation") and eval_dataset is not None
+    measures_loss = spec.family in ("supervised", "preference", "distillation", "classification") \
+        and eval_dataset is not None
     if not resumed:
         # Under FSDP2 accelerate must wrap the model together with the optimizer, which evaluate() before train()
         # would prevent; the base loss is then not measured (the tuned loss and the base generations still are).
@@ -322,6 +336,8 @@ def load_model(ctx: RunContext):
     """(model, adapter_loaded): the base model (a reward model's one-output head for reward), EOS aligned with the
     chat template, and model.adapter loaded (continued, or merged so a fresh adapter goes on top)."""
     recipe, console = ctx.recipe, ctx.console
+    if ctx.spec.hooks.get("load_model"):  # e.g. classify: a sequence-classification head
+        return ctx.spec.hooks["load_model"](ctx), False
     if ctx.spec.family == "reward":
         from tuneforge.methods.reward import load_reward_base
 
@@ -332,7 +348,7 @@ def load_model(ctx: RunContext):
     from tuneforge.methods.common import load_start_adapter
     from tuneforge.models import load_base_model
 
-    model = load_base_model(recipe.model, quant=recipe.quant if recipe.adapter.type == "qlora" else None,
+    model = load_base_model(recipe.model, quant=recipe.quant if recipe.adapter.quantized else None,
                             device=ctx.device, attention=recipe.speed.attention)
     from tuneforge.vocab import match_vocabulary
 
@@ -350,16 +366,21 @@ def apply_training_adapter(ctx: RunContext, model, adapter_loaded: bool):
         from tuneforge.methods.reward import apply_reward_adapter
 
         return apply_reward_adapter(model, recipe, recipe.train.gradient_checkpointing)
+    if ctx.spec.hooks.get("adapter"):
+        return ctx.spec.hooks["adapter"](ctx, model)
     if adapter_loaded:
         return model
     from tuneforge.adapters import apply_adapter
 
-    return apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    return apply_adapter(model, recipe, gradient_checkpointing=recipe.train.gradient_checkpointing,
+                         tokenizer=ctx.tokenizer)
 
 
 def method_datasets(ctx: RunContext):
     """(train, eval) datasets in the form the method's trainer takes."""
     recipe, data, method = ctx.recipe, ctx.data, ctx.recipe.method
+    if ctx.spec.hooks.get("datasets"):
+        return ctx.spec.hooks["datasets"](ctx)
     if ctx.spec.family == "preference":
         from tuneforge.methods.preference import preference_datasets
 
@@ -421,6 +442,9 @@ def build_guarded_trainer(ctx: RunContext, model, train_dataset, eval_dataset):
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback shows and records them
     install_checkpointing(trainer, recipe, run, ctx.console)  # atomic saves; save_total_limit keeps the best; disk full
     install_step_guards(trainer, recipe, ctx.console)  # out of memory -> the step and the memory plan's advice
+    from tuneforge.adapters import install_adapter_hooks
+
+    install_adapter_hooks(trainer, recipe)  # AdaLoRA's budget step, LISA's layer switches, GaLore's targets
     return trainer, numerical, interrupt, plateau
 
 
@@ -431,13 +455,20 @@ def save_weights(ctx: RunContext, trainer, model):
     policy = getattr(trainer, "policy_for_eval", None) or trainer.model
     if hasattr(policy, "policy"):  # PPO's policy+value wrapper
         policy = policy.policy
-    weights = run.file("adapter" if ctx.recipe.uses_lora else "model")
-    trainer.save_model(str(weights))
+    weights = run.file("adapter" if ctx.recipe.uses_peft else "model")
+    if ctx.recipe.adapter.type == "bottleneck":  # tuneforge's own adapter: only its weights and config
+        from tuneforge.artifacts import portable_base_name
+        from tuneforge.bottleneck import save_bottlenecks
+
+        if run.is_main:
+            save_bottlenecks(trainer.model, weights, base_name=portable_base_name(ctx.recipe.model.name))
+    else:
+        trainer.save_model(str(weights))
     if run.is_main:  # under several processes only rank 0 writes (trainer.save_model already does so)
         if ctx.spec.family in ("rl", "reward", "distillation"):
             tokenizer.padding_side = "right"
         tokenizer.save_pretrained(str(weights))
-        if ctx.spec.family != "reward":
+        if ctx.spec.family not in ("reward", "classification"):
             (model if ctx.spec.family in ("supervised", "preference") else policy).generation_config.save_pretrained(
                 str(weights))
         from tuneforge.artifacts import make_portable

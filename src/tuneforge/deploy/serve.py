@@ -86,20 +86,35 @@ def plan_serving(base: str, adapters: list[tuple[str, str]], *, trust_remote_cod
         else:  # LoRA/QLoRA: its base is served, and the run's adapter on it under the run folder's name
             quant = recipe.quant if recipe.adapter.type == "qlora" else None
             plan = ServePlan(recipe.model.name, section, None, quant, base_run=run.path)
-            plan.adapters.append(_adapter_plan(run.path.name, run.path, plan, trust_remote_code))
+            plan.adapters += _run_adapters(run.path.name, run.path, plan, trust_remote_code)
     if plan is None:
         if Path(base).is_dir() and (Path(base) / "adapter_config.json").exists():
             raise ServeError(f"{base} is an adapter folder, not a model", where="BASE",
                              fix="serve its base model and pass the adapter with --adapter NAME=FOLDER")
         plan = ServePlan(base, ModelSection(name=base, trust_remote_code=trust_remote_code), None, None)
     for name, path in adapters:
-        plan.adapters.append(_adapter_plan(name, Path(path), plan, trust_remote_code))
+        plan.adapters += _run_adapters(name, Path(path), plan, trust_remote_code)
     _check_names(plan)
     return plan
 
 
-def _adapter_plan(name: str, path: Path, plan: ServePlan, trust_remote_code: bool) -> AdapterPlan:
-    """One adapter: a finished LoRA/QLoRA run directory (its adapter/ folder), or a PEFT adapter folder."""
+def _run_adapters(name: str, path: Path, plan: ServePlan, trust_remote_code: bool) -> list[AdapterPlan]:
+    """A per-tenant run (federated.mode: per_tenant) holds one adapter per tenant, listed in its summary.json
+    ("adapters": [{name, path}]): each is served as NAME/TENANT. Any other run or folder is one adapter, NAME."""
+    try:
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if (path / "recipe.yaml").exists() and isinstance(summary, dict) and summary.get("mode") == "per_tenant":
+        return [_adapter_plan(f"{name}/{a['name']}", path, plan, trust_remote_code, sub=a["path"])
+                for a in summary.get("adapters") or []]
+    return [_adapter_plan(name, path, plan, trust_remote_code)]
+
+
+def _adapter_plan(name: str, path: Path, plan: ServePlan, trust_remote_code: bool,
+                  sub: str | None = None) -> AdapterPlan:
+    """One adapter: a finished LoRA/QLoRA run directory (its adapter/ folder, or `sub`: one of a per-tenant run's
+    adapter folders), or a PEFT adapter folder."""
     from tuneforge.models import check_run_trust
     from tuneforge.recipe import load_recipe
     from tuneforge.run import open_run
@@ -117,7 +132,7 @@ def _adapter_plan(name: str, path: Path, plan: ServePlan, trust_remote_code: boo
             raise ServeError(f"the run {path} was trained on {recipe.model.name}, not on the served base "
                              f"{plan.base_section.name}; its adapter would give wrong answers there", where=where,
                              fix=f"serve its base: tuneforge serve {recipe.model.name} --adapter {name}={path}")
-        folder, run_path = run.weights_dir, run.path
+        folder, run_path = (run.path / sub if sub else run.weights_dir), run.path
     elif (path / "adapter_config.json").is_file():
         folder = path
     else:

@@ -51,6 +51,8 @@ def mean_loss(model, examples, *, batch_size: int = 8, pad_token_id: int = 0, pr
                 attention[row, : len(ids)] = 1
             with torch.no_grad():
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            # Prompt tuning / P-tuning return logits for their virtual tokens first: keep the input's positions.
+            logits = logits[:, logits.shape[1] - width:] if logits.shape[1] > width else logits
             # Position t predicts token t+1: compare logits[:, :-1] with labels[:, 1:], only where a label counts.
             target = labels[:, 1:].to(logits.device)
             keep = target != IGNORE_INDEX

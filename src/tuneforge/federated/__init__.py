@@ -1,11 +1,7 @@
 """Federated and per-tenant fine-tuning (seed 001, family E): a recipe's `federated:` section (section.py) runs the
-ordinary recipe as rounds of client training on Flower; only adapter tensors cross the client boundary."""
+ordinary recipe as rounds of client training on Flower; only adapter tensors cross the client boundary. See
+docs/federated.md.
 
-from __future__ import annotations
-
-
-def train_federated(recipe, *, output=None, overwrite=False, console=None, resume=False, doctor=True):
-    """Entry point from train.train() when the recipe has a `federated:` section."""
-    from tuneforge.federated.run import train_federated as run
-
-    return run(recipe, output=output, overwrite=overwrite, console=console, resume=resume, doctor=doctor)
+train.py hands a federated recipe to federated.run.train_federated with its own functions (pieces.py); nothing in
+this package imports train.py, so this package joins no import loop with it. Kept light: importing it loads nothing.
+"""

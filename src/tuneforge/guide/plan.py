@@ -1,4 +1,5 @@
-"""`tuneforge plan`: how much GPU memory and time a run needs, for full fine-tuning, LoRA and QLoRA, from a model
+"""`tuneforge plan`: how much GPU memory and time a run needs, for full fine-tuning, LoRA and QLoRA (and the recipe's
+adapter type, or any listed with --adapters: GaLore, LISA, Spectrum, freeze, IA3, soft prompts ...), from a model
 config alone (hub id, local folder, the embedded model, a recipe, or a reference size such as `llama-8b`).
 
 This is the view: it builds the table of the three adapters on one GPU (`make_plan`) and prints it
@@ -71,12 +72,14 @@ class Plan:
 
 def make_plan(source, *, gpu: str | GpuSpec | None = None, vram_gb: float | None = None, seq_len: int | None = None,
               batch_size: int | None = None, gradient_checkpointing: bool | None = None,
-              tokens: float | None = None) -> Plan:
+              tokens: float | None = None, adapters: tuple[str, ...] = ()) -> Plan:
     """Plan a recipe (path or Recipe) or a model (hub id, folder, embedded, reference size) on a GPU.
 
     For a recipe, its settings (max_length, batch_size, gradient checkpointing, optimizer, LoRA rank/targets,
     quantization) are used and its adapter row is marked; the training tokens come from its data when the data
-    can be read (else time is given per million tokens). `vram_gb` overrides the GPU's memory.
+    can be read (else time is given per million tokens). `vram_gb` overrides the GPU's memory. `adapters`: more
+    adapter types to plan beside full, LoRA, QLoRA and the recipe's (e.g. ("ia3", "galore", "lisa")), each at its
+    defaults (adapter_kinds.py; memory_adapters.py has their formulas).
     """
     from pathlib import Path
 
@@ -124,9 +127,12 @@ def make_plan(source, *, gpu: str | GpuSpec | None = None, vram_gb: float | None
     if shape.max_positions and settings["seq_len"] > shape.max_positions:
         settings["seq_len_warning"] = f"seq_len {settings['seq_len']} exceeds the model's context ({shape.max_positions})"
     rows = []
-    for adapter in ("full", "lora", "qlora"):
+    extra = (recipe_adapter,) if recipe_adapter not in (None, "full", "lora", "qlora") else ()
+    for adapter in ("full", "lora", "qlora", *extra, *[a for a in adapters if a not in ("full", "lora", "qlora", *extra)]):
         row_settings = {k: v for k, v in settings.items() if k != "seq_len_warning"}
         row_settings.update(adapter=adapter, dtype=dtype)
+        if adapter != recipe_adapter:  # another type's row: its own defaults, the recipe's base precision
+            row_settings.pop("quantize_base", None)
         if recipe is not None and adapter == recipe_adapter:
             row_settings["optimizer"] = recipe_optimizer
         estimate = plan_memory(shape, **row_settings)
@@ -145,6 +151,23 @@ def make_plan(source, *, gpu: str | GpuSpec | None = None, vram_gb: float | None
             table.append({"seq_len": s, "batch_size": b, "activations_gib": no_gc / GIB, "activations_gc_gib": gc / GIB})
     return Plan(model=name, params_total=shape.params_total, gpu=spec, settings={**settings, "dtype": dtype},
                 rows=rows, activation_table=table, tokens=tokens, recipe_adapter=recipe_adapter, notes=list(shape.notes))
+
+
+def parse_adapter_list(text: str | None) -> tuple[str, ...]:
+    """--adapters "ia3,galore" (or "all") -> the adapter types, each checked against adapter_kinds.ADAPTER_TYPES."""
+    from tuneforge.adapter_kinds import ADAPTER_TYPES
+    from tuneforge.errors import TuneforgeError
+
+    if not text:
+        return ()
+    if text.strip() == "all":
+        return tuple(t for t in ADAPTER_TYPES if t != "none")
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in ADAPTER_TYPES]
+    if unknown:
+        raise TuneforgeError(f"unknown adapter type(s) {unknown}", where="--adapters",
+                             fix=f"use some of {', '.join(ADAPTER_TYPES)}, or all")
+    return names
 
 
 def _recipe_tokens(recipe) -> float | None:

@@ -17,8 +17,8 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable
 
-FAMILIES = ("supervised", "preference", "reward", "rl", "distillation")
-DATA_KINDS = ("conversations", "text", "pairs", "prompts")
+FAMILIES = ("supervised", "preference", "reward", "rl", "distillation", "classification")
+DATA_KINDS = ("conversations", "text", "pairs", "prompts", "labels")  # labels: {"text", "label"} records
 
 
 def _lora_or_full(adapter_type: str) -> str:
@@ -53,13 +53,23 @@ class Method:
     #   scores        how it is scored before/after: generation | loss | pairwise | rewards (scores.py; default loss)
     #   few_shot      the prompt-only few-shot baseline applies (answers to compare against)
     #   padding_free  its trainer takes padding-free micro-batches (speed.padding_free), as TRL's SFTTrainer does
+    #   load_model    ctx -> the model to train, instead of the causal LM (classify: a sequence-classification head)
+    #   adapter       (ctx, model) -> the model wrapped for training, instead of adapters.apply_adapter
+    #   datasets      ctx -> (train, eval) datasets in the form its trainer takes
     hooks: dict = field(default_factory=dict)
 
     def default_lr(self, adapter_type: str) -> float:
-        return self.lr[_lora_or_full(adapter_type)]
+        from tuneforge.adapter_kinds import lr_kind  # ia3, soft prompts ...: a multiple of the LoRA rate
+
+        kind, scale = lr_kind(adapter_type)
+        return self.lr[kind] if scale == 1.0 else float(f"{self.lr[kind] * scale:.3g}")
 
     def lr_range_for(self, adapter_type: str) -> tuple[float, float]:
-        return self.lr_range[_lora_or_full(adapter_type)]
+        from tuneforge.adapter_kinds import lr_kind
+
+        kind, scale = lr_kind(adapter_type)
+        low, high = self.lr_range[kind]
+        return (low * scale, high * scale) if scale != 1.0 else (low, high)
 
     def refusals(self, recipe) -> list[tuple[str, str]]:
         """(key, why) for every key the recipe sets that this method cannot honour, and everything `check` finds."""

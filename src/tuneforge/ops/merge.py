@@ -39,9 +39,15 @@ def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool
     target = Path(output)
     check_merge_target(target, overwrite=overwrite)
     recipe = load_recipe(run.path / "recipe.yaml")
-    if not recipe.uses_lora:
+    if not recipe.uses_peft:
         raise RunDirError(f"{run.path} is a full fine-tuning run; its model/ folder is already a merged checkpoint",
                           fix=f"use {run.weights_dir} directly")
+    from tuneforge.adapter_kinds import MERGEABLE
+
+    if recipe.adapter.type not in MERGEABLE:  # soft prompts live in the input, bottlenecks are non-linear
+        raise RunDirError(f"{run.path} trained a {recipe.adapter.type} adapter, which cannot be merged into the weights "
+                          f"({'virtual tokens in the input, not a change of any weight' if recipe.adapter.type != 'bottleneck' else 'a non-linear module after each MLP'})",
+                          fix=f"use the run as it is: tuneforge generate/eval/chat {run.path} load the adapter on its base")
     # Always the un-quantized base, on CPU, in a float dtype.
     section = recipe.model.model_copy(update={"name": base}) if base else recipe.model
     check_base_is_here(section.name, run.path)

@@ -14,6 +14,7 @@ from tuneforge.evaluate.intervals import is_real_gain
 from tuneforge.report.html import CSS, card, delta_cell, duration, esc, fmt, image, status_badge
 from tuneforge.report.plots import make_plots
 from tuneforge.report.rundir import RunData, load_run, read_json
+from tuneforge.report.tasks import task_plots, task_sections
 
 
 def _headline(data: RunData) -> str:
@@ -367,8 +368,9 @@ def _header(data: RunData) -> str:
 
 def render_html(data: RunData, plots: dict[str, Path]) -> str:
     sections = [
-        _headline(data), _results_section(data), _rl_section(data, plots),
-        _plots_section({k: v for k, v in plots.items() if k != "rl"}), _forgetting_section(data, plots),
+        _headline(data), _results_section(data), task_sections(data, plots), _rl_section(data, plots),
+        _plots_section({k: v for k, v in plots.items() if k not in ("rl", "confusion", "rft")}),
+        _forgetting_section(data, plots),
         _judge_section(data), _early_stopping_section(data), _contamination_section(data), _samples_section(data),
         _data_section(data), _environment_section(data),
     ]
@@ -382,6 +384,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write <run_dir>/plots/*.png and <run_dir>/report.html; returns the path of report.html."""
     data = load_run(run_dir)
     plots = make_plots(data, data.path / "plots")
+    plots.update(task_plots(data, data.path / "plots"))  # classify's confusion matrix, rft's rounds
     target = data.path / "report.html"
     tmp = target.with_suffix(".html.tmp")
     tmp.write_text(render_html(data, plots), encoding="utf-8")

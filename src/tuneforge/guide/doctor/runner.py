@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tuneforge.errors import DataError, ModelError, TuneforgeError
 from tuneforge.guide.doctor import adapter, hardware, preference_rl, schedule
+from tuneforge.guide.doctor.adapter_menu import check_adapter_menu
 from tuneforge.guide.doctor import data as data_checks
 from tuneforge.guide.doctor.core import Check, Context, Finding, by_severity
 from tuneforge.methods import method_spec
@@ -19,7 +20,7 @@ CHECKS: list[Check] = [
     data_checks.check_duplicates, data_checks.check_chat_template, data_checks.check_prompt_masking,
     data_checks.check_stop_token,
     preference_rl.check_preference_start, preference_rl.check_rl,
-    adapter.check_target_modules, adapter.check_new_tokens,
+    adapter.check_target_modules, adapter.check_new_tokens, check_adapter_menu,
     data_checks.check_context_length, data_checks.check_truncation, data_checks.check_packing,
     data_checks.check_curriculum,
     hardware.check_precision, adapter.check_qlora_optimizer, hardware.check_memory,
@@ -128,6 +129,11 @@ def _prepare(recipe, tokenizer, spec):
         from tuneforge.data.prompts import prepare_prompt_data
 
         prepare_prompt_data(recipe, tokenizer, resolve)
+        return None
+    if spec.data == "labels":  # method classify: {text, label} records, read and checked the same way
+        from tuneforge.data.labels import prepare_label_data
+
+        prepare_label_data(recipe, tokenizer, resolve)
         return None
     from tuneforge.data.pipeline import prepare_data
 
