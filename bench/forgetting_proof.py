@@ -67,7 +67,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     stamp = datetime.date.today().isoformat()
     results = ROOT / "bench" / "results"
-    (results / f"{stamp}-forgetting-cpu.json").write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2))
+    (results / f"forgetting-{stamp}-cpu.json").write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2))
     lines = [f"# Forgetting and its mitigations — embedded SmolLM2-135M-Instruct, CPU ({stamp})", "",
              f"Full fine-tuning, lr 1e-4 constant, {args.steps} steps x 8 examples of the quickstart JSON task only "
              "(`python bench/forgetting_proof.py`). Probe: 536 general multiple-choice items; task: exact match on "
@@ -79,7 +79,7 @@ def main() -> None:
                      f"[{r['probe_ci95'][0]:+.1f}, {r['probe_ci95'][1]:+.1f}] | {'yes' if r['flagged'] else 'no'} | "
                      f"{r['task_base']:.1f} → {r['task_tuned']:.1f} | {r['task_delta']:+.1f} "
                      f"[{r['task_ci95'][0]:+.1f}, {r['task_ci95'][1]:+.1f}] |")
-    (results / f"{stamp}-forgetting-cpu.md").write_text("\n".join(lines) + "\n")
+    (results / f"forgetting-{stamp}-cpu.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +96,7 @@ def main() -> None:
     axis.set_ylabel("task exact-match change (points)")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(results / f"{stamp}-forgetting-cpu.png", dpi=120)
+    figure.savefig(results / f"forgetting-{stamp}-cpu.png", dpi=120)
     print("\n".join(lines))
 
 

@@ -45,14 +45,14 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def random_adapters(folder: Path) -> list[tuple[str, str]]:
+def random_adapters(folder: Path, base: str) -> list[tuple[str, str]]:
     """Two seeded random LoRA adapters for the embedded model (lora_B scaled so answers change but stay text)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from tuneforge.models import load_target
 
-    model, _ = load_target(BASE, device="cpu")
+    model, _ = load_target(base, device="cpu")
     pairs = []
     for name, seed, scale in (("adapter-a", 1, 1.0), ("adapter-b", 2, 0.6)):
         torch.manual_seed(seed)
@@ -68,7 +68,25 @@ def random_adapters(folder: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def offline_answers(pairs, work, max_tokens: int) -> tuple[dict, float]:
+def random_like(config_dir: Path, folder: Path, std: float = 0.1) -> str:
+    """A seeded random-init model with config_dir's architecture and tokenizer (for a machine that cannot hold the
+    embedded weights: same shapes, so the same serving cost; std above the default 0.02 keeps greedy argmaxes apart)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(config_dir)
+    config.initializer_range = std
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(config_dir).save_pretrained(folder)
+    for name in ("chat_template.jinja", "generation_config.json"):
+        if (config_dir / name).exists():
+            shutil.copy(config_dir / name, folder / name)
+    return str(folder)
+
+
+def offline_answers(pairs, work, max_tokens: int, base: str, device: str) -> tuple[dict, float]:
     """(name, prompt) -> greedy answer, one prompt at a time, as `tuneforge generate` answers (adapter folders are
     loaded as load_target loads a run's adapter/)."""
     from peft import PeftModel
@@ -78,12 +96,12 @@ def offline_answers(pairs, work, max_tokens: int) -> tuple[dict, float]:
     from tuneforge.models import load_target
 
     answers, start = {}, time.perf_counter()
-    for name in [BASE] + [n for n, _ in pairs]:
+    for name in [base] + [n for n, _ in pairs]:
         path = dict(pairs).get(name)
         if path and (Path(path) / "recipe.yaml").exists():
-            model, tokenizer = load_target(path, device="cpu")
+            model, tokenizer = load_target(path, device=device)
         else:
-            model, tokenizer = load_target(BASE, device="cpu")
+            model, tokenizer = load_target(base, device=device)
             if path:
                 model = PeftModel.from_pretrained(model, path).eval()
         for prompt in sorted({p for n, p in work if n == name}):
@@ -131,6 +149,10 @@ def main() -> int:
     parser.add_argument("--adapter", action="append", default=[], help="NAME=RUN (default: 2 random adapters)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, server and offline (on this "
                         "shared 2-core machine 1 thread generated 4-13x faster than 2 under load)")
+    parser.add_argument("--base", default=BASE, help="model folder, run or embedded id (default: the embedded model)")
+    parser.add_argument("--random-init-from", type=Path, help="serve a seeded random-init model with this folder's "
+                        "config and tokenizer instead of --base's weights")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="server and offline answers")
     parser.add_argument("--time-limit", type=float, default=300.0)
     parser.add_argument("--out", default=str(ROOT / "bench/results/2026-12-06-serve-load-cpu"))
     args = parser.parse_args()
@@ -141,24 +163,27 @@ def main() -> int:
     left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
 
     scratch = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    pairs = [tuple(a.split("=", 1)) for a in args.adapter] or random_adapters(scratch)
-    names = [BASE] + [n for n, _ in pairs]
+    if args.random_init_from:
+        args.base = random_like(args.random_init_from, scratch / "random-base")
+    pairs = [tuple(a.split("=", 1)) for a in args.adapter] or random_adapters(scratch, args.base)
+    names = [args.base] + [n for n, _ in pairs]
     # client c, round r asks model names[(c + r) % len] prompt PROMPTS[(c + r // 2) % len]: every client mixes models
     work = [[(names[(c + r) % len(names)], PROMPTS[(c + r // 2) % len(PROMPTS)]) for r in range(args.rounds)]
             for c in range(args.clients)]
     flat = [item for client in work for item in client]
     log(f"{len(flat)} requests per phase over {names}; offline answers first")
-    expected, offline_s = offline_answers(pairs, set(flat), args.max_tokens)
+    expected, offline_s = offline_answers(pairs, set(flat), args.max_tokens, args.base, args.device)
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "tuneforge", "serve", BASE, "--port", str(port),
+    command = [sys.executable, "-m", "tuneforge", "serve", args.base, "--device", args.device, "--port", str(port),
                "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", "20", "--threads", str(args.threads)]
     command += [f"--adapter={n}={p}" for n, p in pairs]
     log("server: " + " ".join(command))
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))})
     threading.Thread(target=lambda: [print("  server| " + line, end="") for line in server.stdout], daemon=True).start()
     wrong: list[dict] = []
     try:
@@ -172,7 +197,7 @@ def main() -> int:
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
         log("server up; warm-up request")
-        ask(port, BASE, PROMPTS[0], args.max_tokens, left())
+        ask(port, args.base, PROMPTS[0], args.max_tokens, left())
 
         def check(name, prompt, answer):
             if answer != expected[name, prompt]:
@@ -222,9 +247,10 @@ def main() -> int:
     batches = after["batches"] - before["batches"]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python bench/serve_load.py", *sys.argv[1:]]),
-        "machine": f"CPU, {os.cpu_count()} cores, shared with other work (load average {load_start:.1f} at the start, "
-                   f"{os.getloadavg()[0]:.1f} at the end)", "bench_wall_s": round(time.perf_counter() - began, 1),
-        "base": BASE, "adapters": [n for n, _ in pairs], "clients": args.clients, "rounds": args.rounds,
+        "machine": (f"{torch.cuda.get_device_name(0)}, " if args.device == "cuda" else "") + f"CPU {os.cpu_count()} cores, "
+                   f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end", "device": args.device, "bench_wall_s": round(time.perf_counter() - began, 1),
+        "base": args.base if not args.random_init_from else f"seeded random-init weights (std 0.1) with the architecture "
+                f"and tokenizer of {args.random_init_from} (SmolLM2-135M)", "adapters": [n for n, _ in pairs], "clients": args.clients, "rounds": args.rounds,
         "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "threads": args.threads,
         "offline_one_at_a_time_s": round(offline_s, 1), "sequential": sequential, "concurrent": concurrent,
         "concurrent_batches": {"generate_calls": batches, "rows": after["rows"] - before["rows"],

@@ -168,6 +168,8 @@ def test_encoder_full_fine_tuning_learns_and_reports(tmp_path, tiny_bert_dir, re
     assert accuracy["majority"] == 25.0 and summary["classification"]["majority_label"] == "negative"
     assert accuracy["tuned"] > accuracy["majority"] + 20, accuracy  # learnt from the words
     assert "ci95" in accuracy["tuned_vs_base"] and "macro_f1" in summary["metrics"]
+    f1 = summary["metrics"]["macro_f1"]["tuned_vs_base"]  # corpus-level, bootstrapped as a statistic
+    assert f1["ci95"][0] <= f1["delta"] <= f1["ci95"][1]
     assert summary["eval_loss"]["tuned"] < summary["eval_loss"]["base"]
     confusion = summary["classification"]["confusion"]
     assert sum(map(sum, confusion)) == 24 and sum(confusion[i][i] for i in range(3)) == round(accuracy["tuned"] * 24 / 100)
@@ -195,6 +197,18 @@ def test_encoder_lora_trains_the_head_and_class_weights(tmp_path, tiny_bert_dir,
     assert adapter["task_type"] == "SEQ_CLS" and "classifier" in adapter["modules_to_save"]
     assert adapter["base_model_name_or_path"] == str(tiny_bert_dir.resolve())
     assert summary["metrics"]["accuracy"]["majority"] == 41.67  # positive, 10 of the 24 held-out reviews
+    # a classifier is not a text model: merge, serve and generate refuse it and say what to do instead
+    from tuneforge.deploy.serve import plan_serving
+    from tuneforge.errors import ModelError
+    from tuneforge.models import load_target
+    from tuneforge.ops.merge import merge_run
+
+    for call in (lambda: merge_run(str(path), str(tmp_path / "merged")), lambda: plan_serving(str(path), []),
+                 lambda: load_target(str(path), device="cpu")):
+        with pytest.raises(ModelError, match=r"is a classifier .*method: classify") as refused:
+            call()
+        assert "AutoModelForSequenceClassification" in refused.value.fix
+    assert not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize("adapter", ["lora", "qlora"])
@@ -255,3 +269,23 @@ def test_embedded_encoder_end_to_end(tmp_path):
     path = train(recipe, output=str(tmp_path / "minilm"), console=Console(quiet=True), doctor=False).path
     accuracy = json.loads((path / "summary.json").read_text())["metrics"]["accuracy"]
     assert accuracy["tuned"] >= accuracy["base"] + 20 and accuracy["tuned"] > accuracy["majority"] + 20, accuracy
+
+
+def test_macro_f1_delta_gets_a_paired_bootstrap_interval():
+    """macro-F1 is corpus-level (no per-example score): its delta's interval recomputes the statistic per resample."""
+    from tuneforge.evaluate.baselines import metric_deltas
+    from tuneforge.evaluate.classification import classification_metrics, label_pairs, macro_f1_of
+
+    labels = ["neg", "neu", "pos"]
+    gold = [0, 1, 2] * 10
+    base = classification_metrics(gold, [0] * 30, labels)
+    tuned = classification_metrics(gold, [g if i % 5 else (g + 1) % 3 for i, g in enumerate(gold)], labels)
+    assert macro_f1_of(label_pairs(tuned)) == pytest.approx(tuned["metrics"]["macro_f1"], abs=0.01)
+    assert macro_f1_of(label_pairs(base)) == pytest.approx(base["metrics"]["macro_f1"], abs=0.01)
+    deltas = metric_deltas({"base": base, "few_shot": None, "tuned": tuned})
+    f1 = deltas["macro_f1"]["tuned_vs_base"]
+    assert f1["delta"] == pytest.approx(tuned["metrics"]["macro_f1"] - base["metrics"]["macro_f1"], abs=0.01)
+    low, high = f1["ci95"]
+    assert low < f1["delta"] < high and low > 0  # a big, clear gain: the interval excludes zero
+    same = metric_deltas({"base": tuned, "few_shot": None, "tuned": tuned})["macro_f1"]["tuned_vs_base"]
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0]

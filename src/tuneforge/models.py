@@ -373,6 +373,22 @@ def check_run_trust(run_path: str | Path, recipe, trust_remote_code: bool) -> No
                          fix="pass --trust-remote-code if you trust the run and its model")
 
 
+HEAD_METHODS = {"classify": "a classifier (a sequence-classification head)",
+                "reward": "a reward model (a scalar scoring head)"}
+
+
+def check_generative_run(run_path: str | Path, recipe, verb: str) -> None:
+    """generate, chat, merge, export, combine and serve work on causal LMs: a run whose method trained a scoring
+    head (classify, reward) is refused with what to do instead, not a confusing weight-loading error."""
+    what = HEAD_METHODS.get(recipe.method)
+    if what:
+        raise ModelError(f"{verb} needs a text-generating model, but the run {run_path} is {what} (method: "
+                         f"{recipe.method})", where=str(Path(run_path) / "recipe.yaml"),
+                         fix=f"score text with it: `tuneforge eval {run_path}`, or load {run_path}/"
+                             f"{'model' if recipe.adapter.type == 'full' else 'adapter'} with transformers' "
+                             f"AutoModelForSequenceClassification (PEFT's AutoPeftModelForSequenceClassification)")
+
+
 def load_target(target: str, *, device: str | None = None, quantized_as_trained: bool = True,
                 trust_remote_code: bool = False, base: str | None = None):
     """A model to use: a finished run directory (base + adapter, or the full model), a model folder, a hub id,
@@ -392,6 +408,7 @@ def load_target(target: str, *, device: str | None = None, quantized_as_trained:
         run = open_run(path)
         recipe = load_recipe(path / "recipe.yaml")
         check_run_trust(path, recipe, trust_remote_code)
+        check_generative_run(path, recipe, "loading a run as a text model")
         model_section = recipe.model.model_copy(update={"trust_remote_code": trust_remote_code,
                                                         **({"name": base} if base else {})})
         weights = run.weights_dir

@@ -73,7 +73,7 @@ def _check_output(target: Path, overwrite: bool) -> None:
 def check_sources(sources: list[str], method: str, weights: list[float], density: float | None,
                   trust_remote_code: bool, max_examples: int | None = None):
     """The finished runs and their recipes, after every check on the command line (ExportError / RunDirError)."""
-    from tuneforge.models import check_run_trust
+    from tuneforge.models import check_generative_run, check_run_trust
     from tuneforge.recipe import load_recipe
     from tuneforge.run import open_run
 
@@ -96,6 +96,7 @@ def check_sources(sources: list[str], method: str, weights: list[float], density
         run = open_run(source)  # RunDirError when not a run, or not completed
         recipe = load_recipe(run.path / "recipe.yaml")
         check_run_trust(run.path, recipe, trust_remote_code)
+        check_generative_run(run.path, recipe, "tuneforge combine")
         runs.append(run)
         recipes.append(recipe)
     bases = {(r.model.name, r.model.revision) for r in recipes}

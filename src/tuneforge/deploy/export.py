@@ -90,7 +90,7 @@ def open_source(source: str, work: Path, *, trust_remote_code: bool = False, bas
     """(checkpoint folder, run or None) for a run directory, a model folder, a GGUF file, the embedded model or a
     hub id. A LoRA/QLoRA run is merged into `work` (on `base`, the base's location now if it moved); a run that did
     not complete is refused (RunDirError)."""
-    from tuneforge.models import check_run_trust, load_target, resolve_model_source
+    from tuneforge.models import check_generative_run, check_run_trust, load_target, resolve_model_source
     from tuneforge.recipe import load_recipe
     from tuneforge.run import open_run
 
@@ -99,6 +99,7 @@ def open_source(source: str, work: Path, *, trust_remote_code: bool = False, bas
         run = open_run(path)
         recipe = load_recipe(path / "recipe.yaml")
         check_run_trust(path, recipe, trust_remote_code)
+        check_generative_run(path, recipe, "tuneforge export")
         if run.weights_dir.name == "model":  # full fine-tuning (or a combine that produced a full model)
             return run.weights_dir, run
         from tuneforge.ops.merge import merge_run

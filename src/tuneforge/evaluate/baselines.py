@@ -107,6 +107,13 @@ def metric_deltas(results: dict[str, dict | None]) -> dict[str, dict[str, dict]]
             after, before = per_example_scores(results.get(system), name), per_example_scores(results.get(against), name)
             if after is not None and before is not None and len(after) == len(before):
                 out.setdefault(name, {})[key] = paired_delta(before, after)
+            elif name == "macro_f1":  # corpus-level: bootstrap the statistic itself
+                from tuneforge.evaluate.classification import label_pairs, macro_f1_of
+                from tuneforge.evaluate.intervals import paired_statistic_delta
+
+                after, before = label_pairs(results.get(system)), label_pairs(results.get(against))
+                if after is not None and before is not None and len(after) == len(before):
+                    out.setdefault(name, {})[key] = paired_statistic_delta(before, after, macro_f1_of)
     return out
 
 

@@ -43,6 +43,25 @@ def classification_metrics(gold: list[int], predicted: list[int], labels: list[s
             "samples": rows if samples is None else rows[:samples]}
 
 
+def macro_f1_of(pairs: list[tuple[str, str]]) -> float:
+    """Macro-F1 in % of (gold label, predicted label) pairs, over the gold labels present (as classification_metrics)."""
+    f1s = []
+    for name in sorted({gold for gold, _ in pairs}):
+        tp = sum(1 for g, p in pairs if g == name and p == name)
+        predicted, support = sum(1 for _, p in pairs if p == name), sum(1 for g, _ in pairs if g == name)
+        precision, recall = (tp / predicted if predicted else 0.0), tp / support
+        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    return 100 * sum(f1s) / max(1, len(f1s))
+
+
+def label_pairs(result: dict | None) -> list[tuple[str, str]] | None:
+    """(gold, predicted) per held-out example of a classification result, or None (not one, or samples cut)."""
+    samples = (result or {}).get("samples") or []
+    if not samples or len(samples) != (result or {}).get("n") or any("predicted" not in s for s in samples):
+        return None
+    return [(s["label"], s["predicted"]) for s in samples]
+
+
 def majority_baseline(train_labels: list[int], gold: list[int], labels: list[str]) -> dict:
     """Always the training data's most frequent label (a tie goes to the first in label order)."""
     counts = Counter(train_labels)

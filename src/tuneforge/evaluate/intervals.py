@@ -79,6 +79,25 @@ def paired_ratio_delta(before: list[list[float]], after: list[list[float]], *, c
             "method": "paired bootstrap (weighted means)"}
 
 
+def paired_statistic_delta(before: list, after: list, statistic, *, confidence: float = CONFIDENCE,
+                           resamples: int = 1000, seed: int = 0) -> dict:
+    """A corpus-level score (e.g. macro-F1: not a mean of per-example scores) of two systems on the same examples:
+    `statistic(items) -> float` over each system's per-example items; the bootstrap resamples example indices and
+    recomputes both systems' statistic on the same resample -> {"delta", "ci95", "n", "method"}."""
+    import numpy as np
+
+    if len(before) != len(after):
+        raise ValueError(f"paired scores need the same examples: {len(before)} before, {len(after)} after")
+    n = len(before)
+    if n == 0:
+        return {"delta": None, "ci95": None, "n": 0, "method": "none"}
+    delta = float(statistic(after) - statistic(before))
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    samples = [statistic([after[i] for i in row]) - statistic([before[i] for i in row]) for row in idx]
+    return {"delta": delta, "ci95": _percentile_interval(samples, confidence), "n": n,
+            "method": "paired bootstrap (statistic recomputed per resample)"}
+
+
 def _binary_pairs(before, after) -> tuple[int, int] | None:
     """(improved, worsened) counts when every score is one of two values (0/1 or 0/100), else None."""
     values = set(before) | set(after)

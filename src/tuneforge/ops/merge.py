@@ -31,7 +31,7 @@ def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool
     from peft import PeftModel
 
     from tuneforge.data.template import align_eos
-    from tuneforge.models import check_base_is_here, load_base_model, load_tokenizer, resolve_dtype
+    from tuneforge.models import check_base_is_here, check_generative_run, load_base_model, load_tokenizer, resolve_dtype
     from tuneforge.recipe import load_recipe
     from tuneforge.run import open_run
 
@@ -39,6 +39,7 @@ def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool
     target = Path(output)
     check_merge_target(target, overwrite=overwrite)
     recipe = load_recipe(run.path / "recipe.yaml")
+    check_generative_run(run.path, recipe, "tuneforge merge")
     if not recipe.uses_peft:
         raise RunDirError(f"{run.path} is a full fine-tuning run; its model/ folder is already a merged checkpoint",
                           fix=f"use {run.weights_dir} directly")
