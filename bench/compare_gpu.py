@@ -37,7 +37,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             max_position_embeddings=2048)
 
 
-def build_model(size: str, folder: Path) -> Path:
+def build_model(size: str, folder: Path, tokenizer_source: str = "embedded:smollm2-135m-instruct") -> Path:
     """A random-weight Llama of the plan's reference shape, saved with the embedded tokenizer (once)."""
     if (folder / "config.json").exists():
         return folder
@@ -47,7 +47,7 @@ def build_model(size: str, folder: Path) -> Path:
     from tuneforge.memory import reference_config
     from tuneforge.models import load_tokenizer
 
-    tokenizer = load_tokenizer("embedded:smollm2-135m-instruct")
+    tokenizer = load_tokenizer(tokenizer_source)
     if size == "tiny":
         config = LlamaConfig(**TINY)
     else:
@@ -71,7 +71,8 @@ def write_recipe(model: Path, path: Path, steps: int, examples: int) -> Path:
     recipe.update(name="compare-gpu", model=str(model))
     recipe["data"] = {"train": str(ROOT / "data/quickstart/train.jsonl"), "eval": str(ROOT / "data/quickstart/eval.jsonl")}
     recipe["train"].update(max_steps=steps, batch_size=8, grad_accum=2, max_length=256)
-    recipe["eval"].update(max_examples=examples, batch_size=16)
+    recipe["eval"].update(max_examples=examples, batch_size=16, max_new_tokens=32,
+                          forgetting=False)  # random weights: the general probe would measure nothing
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=30, help="held-out examples scored per model")
     parser.add_argument("--size", choices=("1b", "tiny"), default="1b")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tokenizer", default="embedded:smollm2-135m-instruct", help="tokenizer folder (the GPU "
+                        "machine cannot hold the embedded GGUF: pass a folder with the SmolLM2 tokenizer files)")
     parser.add_argument("--workdir", default="/tmp/tuneforge-compare-gpu")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}-compare-gpu"),
                         help="stem of the result files (.md, .json, .png, .html)")
@@ -94,7 +97,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: run on the GPU machine, or --size tiny --device cpu for a smoke test")
     workdir = Path(args.workdir)
-    model = build_model(args.size, workdir / f"llama-{args.size}-random")
+    model = build_model(args.size, workdir / f"llama-{args.size}-random", args.tokenizer)
     recipe = write_recipe(model, workdir / "compare-gpu.yaml", args.steps, args.examples)
     output = workdir / "runs"
     command = [sys.executable, "-m", "tuneforge", "compare", str(recipe), "--methods", args.methods,

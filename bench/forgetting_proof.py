@@ -46,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default="/tmp/forgetting-proof")
+    parser.add_argument("--reuse", action="store_true", help="read finished variant runs under --out instead of "
+                        "training them again (only the result files are rewritten)")
     args = parser.parse_args()
     from rich.console import Console
 
@@ -54,47 +56,70 @@ def main() -> None:
 
     rows = []
     for i, (label, changes) in enumerate(VARIANTS.items()):
-        recipe = parse_recipe(recipe_for(f"variant{i}", args.steps, **changes))
-        run = train(recipe, output=str(Path(args.out) / f"variant{i}"), overwrite=True, console=Console(), doctor=False)
-        summary = run.read_json("summary.json")
+        folder = Path(args.out) / f"variant{i}"
+        if args.reuse and (folder / "summary.json").exists():
+            summary = json.loads((folder / "summary.json").read_text())
+        else:
+            recipe = parse_recipe(recipe_for(f"variant{i}", args.steps, **changes))
+            run = train(recipe, output=str(folder), overwrite=True, console=Console(), doctor=False)
+            summary = run.read_json("summary.json")
         probe = summary["forgetting"]["accuracy"]
         task = summary["metrics"]["exact_match"]
+        follow = summary["forgetting"].get("instructions") or {}
         rows.append({"variant": label, "probe_before": probe["before"], "probe_after": probe["after"],
                      "probe_delta": probe["delta"], "probe_ci95": probe["ci95"], "flagged": summary["forgetting"]["flagged"],
+                     "instructions_before": follow.get("before"), "instructions_after": follow.get("after"),
+                     "instructions_delta": follow.get("delta"), "instructions_ci95": follow.get("ci95"),
+                     "instructions_n": follow.get("n"), "flag_message": summary["forgetting"].get("message"),
                      "task_base": task["base"], "task_tuned": task["tuned"],
                      "task_delta": task["tuned_vs_base"]["delta"], "task_ci95": task["tuned_vs_base"]["ci95"],
-                     "steps": summary["steps"], "train_seconds": summary["train_seconds"], "run": str(run.path)})
+                     "steps": summary["steps"], "train_seconds": summary["train_seconds"], "run": str(folder)})
         print(json.dumps(rows[-1]), flush=True)
     stamp = datetime.date.today().isoformat()
     results = ROOT / "bench" / "results"
     (results / f"forgetting-{stamp}-cpu.json").write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2))
+    def interval(delta, ci):
+        return "-" if delta is None else f"{delta:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+
     lines = [f"# Forgetting and its mitigations — embedded SmolLM2-135M-Instruct, CPU ({stamp})", "",
              f"Full fine-tuning, lr 1e-4 constant, {args.steps} steps x 8 examples of the quickstart JSON task only "
-             "(`python bench/forgetting_proof.py`). Probe: 536 general multiple-choice items; task: exact match on "
-             "40 held-out task examples. [brackets]: 95% paired-bootstrap interval.", "",
-             "| variant | probe before → after | probe Δ [95% CI] | flagged | task base → tuned | task Δ [95% CI] |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "(`python bench/forgetting_proof.py`). The general probe (`eval.forgetting`) has two parts: 536 "
+             "multiple-choice items scored by log-likelihood (MC) and a few instruction-following prompts checked "
+             "by rule (instructions). Task: exact match on 40 held-out task examples. [brackets]: 95% paired-"
+             "bootstrap interval; a run is flagged when an interval lies wholly below zero and the drop exceeds "
+             "5 points.", "",
+             "| variant | MC before → after | MC Δ [95% CI] | instructions before → after | instructions Δ [95% CI] "
+             "| flagged | task base → tuned | task Δ [95% CI] |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['probe_before']:.1f} → {r['probe_after']:.1f} | {r['probe_delta']:+.1f} "
-                     f"[{r['probe_ci95'][0]:+.1f}, {r['probe_ci95'][1]:+.1f}] | {'yes' if r['flagged'] else 'no'} | "
-                     f"{r['task_base']:.1f} → {r['task_tuned']:.1f} | {r['task_delta']:+.1f} "
-                     f"[{r['task_ci95'][0]:+.1f}, {r['task_ci95'][1]:+.1f}] |")
+        follow = "-" if r["instructions_before"] is None else \
+            f"{r['instructions_before']:.1f} → {r['instructions_after']:.1f} (n={r['instructions_n']})"
+        lines.append(f"| {r['variant']} | {r['probe_before']:.1f} → {r['probe_after']:.1f} | "
+                     f"{interval(r['probe_delta'], r['probe_ci95'])} | {follow} | "
+                     f"{interval(r['instructions_delta'], r['instructions_ci95'])} | {'yes' if r['flagged'] else 'no'} | "
+                     f"{r['task_base']:.1f} → {r['task_tuned']:.1f} | {interval(r['task_delta'], r['task_ci95'])} |")
+    lines += ["", "Flag messages:", ""] + [f"- {r['variant']}: {r['flag_message'] or 'none'}" for r in rows]
     (results / f"forgetting-{stamp}-cpu.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        axis.errorbar(r["probe_delta"], r["task_delta"], xerr=[[r["probe_delta"] - r["probe_ci95"][0]],
-                                                               [r["probe_ci95"][1] - r["probe_delta"]]],
-                      yerr=[[r["task_delta"] - r["task_ci95"][0]], [r["task_ci95"][1] - r["task_delta"]]],
-                      fmt="o", capsize=3, label=r["variant"])
-    axis.axvline(0, color="grey", lw=0.5)
-    axis.set_xlabel("general probe change (points)")
-    axis.set_ylabel("task exact-match change (points)")
-    axis.legend(fontsize=8)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for axis, key, title in ((axes[0], "probe", "multiple-choice probe (536 items)"),
+                             (axes[1], "instructions", "instruction-following probe")):
+        for r in rows:
+            delta, ci = r[f"{key}_delta"], r[f"{key}_ci95"]
+            if delta is None:
+                continue
+            axis.errorbar(delta, r["task_delta"], xerr=[[delta - ci[0]], [ci[1] - delta]],
+                          yerr=[[r["task_delta"] - r["task_ci95"][0]], [r["task_ci95"][1] - r["task_delta"]]],
+                          fmt="o", capsize=3, label=r["variant"])
+        axis.axvline(0, color="grey", lw=0.5)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("change after fine-tuning (points, 95% CI)")
+    axes[0].set_ylabel("task exact-match change (points)")
+    axes[1].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(results / f"forgetting-{stamp}-cpu.png", dpi=120)
     print("\n".join(lines))

@@ -22,7 +22,8 @@ LOSS_TOL = 1e-4
 
 
 def _recipe_file(tmp_path, tiny_model_dir, small_sft_file, adapter_type, **train):
-    recipe = tiny_recipe(tiny_model_dir, small_sft_file, adapter={"type": adapter_type, "dropout": 0.0},
+    adapter = {"type": adapter_type, **({"dropout": 0.0} if adapter_type != "full" else {})}  # full reads no dropout
+    recipe = tiny_recipe(tiny_model_dir, small_sft_file, adapter=adapter,
                          train={"max_steps": 4, "batch_size": 2, "lr": 1e-3, "optimizer": "adamw_torch", **train},
                          eval={"baseline": False, "forgetting": False, "max_examples": 1, "max_new_tokens": 2})
     path = tmp_path / f"{adapter_type}.yaml"
