@@ -340,3 +340,34 @@ def test_export_bad_input(tmp_path, lora_run, tiny_model_dir, monkeypatch, capsy
              says=["--format ollama", "cannot be translated into an Ollama TEMPLATE"])
     assert not (tmp_path / "o3").exists()
     assert not list(tmp_path.glob(".*export-*"))  # no work folder left behind
+
+
+@llama
+def test_added_tokens_survive_the_gguf_export(tmp_path, tiny_model_dir):
+    """model.add_special_tokens: the exported GGUF's vocabulary has the new tokens at the ids training gave them, and
+    llama.cpp reads each as one token (issue #25: "saved, merged, exported and reloaded with the new vocabulary")."""
+    from tuneforge.deploy.export import export
+    from tuneforge.deploy.gguf_convert import read_metadata
+    from tuneforge.deploy.gguf_runtime import load_gguf
+    from tuneforge.models import load_tokenizer
+    from tuneforge.train import train
+
+    data = tmp_path / "tagged.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"tag {i}"},
+                                                     {"role": "assistant", "content": f"<tag_{i % 2}> done"}]}) + "\n"
+                            for i in range(8)), encoding="utf-8")
+    recipe = parse_recipe(tiny_recipe(tiny_model_dir, data, model={"name": str(tiny_model_dir),
+                                                                   "add_special_tokens": ["<tag_0>", "<tag_1>"]},
+                                      train={"max_steps": 1},
+                                      eval={"forgetting": False, "few_shot": 0, "baseline": False}))
+    run = train(recipe, output=str(tmp_path / "run"), console=Console(quiet=True), doctor=False)
+    out = tmp_path / "tagged-f16.gguf"
+    export(str(run.path), "gguf", "f16", str(out))
+    tokenizer = load_tokenizer(str(run.path / "adapter"))
+    tokens = read_metadata(out, ("tokenizer.ggml.tokens",))["tokenizer.ggml.tokens"]
+    assert len(tokens) >= len(tokenizer)
+    llm = load_gguf(out, vocab_only=True)
+    for name in ("<tag_0>", "<tag_1>"):
+        new_id = tokenizer.convert_tokens_to_ids(name)
+        assert new_id >= 49152 and tokens[new_id] == name
+        assert llm.tokenize(name.encode(), add_bos=False, special=True) == [new_id]
