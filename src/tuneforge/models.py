@@ -373,6 +373,25 @@ def check_run_trust(run_path: str | Path, recipe, trust_remote_code: bool) -> No
                          fix="pass --trust-remote-code if you trust the run and its model")
 
 
+def load_with_score_head(recipe, device: str, *, fix: str, **head):
+    """recipe.model with a fresh sequence-classification head (`head`: num_labels, id2label, ...), 4-bit for QLoRA:
+    the loader of the scoring-head methods (reward: one output; classify: one per label)."""
+    from transformers import AutoModelForSequenceClassification
+
+    quiet_transformers()
+    source = resolve_model_source(recipe.model.name)
+    kwargs = dict(head, dtype=resolve_dtype(recipe.model.dtype, device), trust_remote_code=recipe.model.trust_remote_code,
+                  revision=recipe.model.revision, use_safetensors=None if recipe.model.allow_pickle else True)
+    if recipe.adapter.type == "qlora":
+        kwargs["quantization_config"] = quantization_config(recipe.quant, kwargs["dtype"])
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load {recipe.model.name} with a sequence-classification head: {exc}",
+                         where="model.name", fix=fix) from None
+
+
 HEAD_METHODS = {"classify": "a classifier (a sequence-classification head)",
                 "reward": "a reward model (a scalar scoring head)"}
 

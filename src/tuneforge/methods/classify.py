@@ -40,30 +40,14 @@ def is_encoder(config) -> bool:
 
 def load_classifier(ctx):
     """The base model with a fresh head of len(labels) outputs (id2label / label2id saved with it)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from tuneforge.errors import ModelError
-    from tuneforge.models import check_weight_files, quiet_transformers, resolve_dtype, resolve_model_source
+    from tuneforge.models import check_weight_files, load_with_score_head, resolve_model_source
 
     recipe, device, labels = ctx.recipe, ctx.device, ctx.data.labels
-    quiet_transformers()
-    source = resolve_model_source(recipe.model.name)
-    check_weight_files(source, allow_pickle=recipe.model.allow_pickle)
-    kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                  label2id={name: i for i, name in enumerate(labels)}, dtype=resolve_dtype(recipe.model.dtype, device),
-                  trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision,
-                  use_safetensors=None if recipe.model.allow_pickle else True)
-    if recipe.adapter.type == "qlora":
-        from tuneforge.models import quantization_config
-
-        kwargs["quantization_config"] = quantization_config(recipe.quant, kwargs["dtype"])
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load {recipe.model.name} with a sequence-classification head: {exc}",
-                         where="model.name", fix="use an encoder (BERT, RoBERTa, MiniLM, ...) or a decoder that "
-                                                 "transformers loads as AutoModelForSequenceClassification") from None
+    check_weight_files(resolve_model_source(recipe.model.name), allow_pickle=recipe.model.allow_pickle)
+    model = load_with_score_head(recipe, device, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                 label2id={name: i for i, name in enumerate(labels)},
+                                 fix="use an encoder (BERT, RoBERTa, MiniLM, ...) or a decoder that transformers loads "
+                                     "as AutoModelForSequenceClassification")
     if ctx.tokenizer.pad_token_id is not None:
         model.config.pad_token_id = ctx.tokenizer.pad_token_id  # decoders find each row's last real token by it
     if device != "cpu" and recipe.adapter.type != "qlora":

@@ -25,26 +25,10 @@ from tuneforge.methods.common import NO_PACKING, SUPERVISED_LR_RANGE, common_arg
 
 def load_reward_base(recipe, device: str, console=None):
     """The base model with a fresh one-output score head (seed 000 step 7: num_labels=1, not a causal LM head)."""
-    from transformers import AutoModelForSequenceClassification
+    from tuneforge.models import load_with_score_head
 
-    from tuneforge.models import quiet_transformers, resolve_dtype, resolve_model_source
-
-    quiet_transformers()
-    source = resolve_model_source(recipe.model.name)
-    kwargs = dict(num_labels=1, dtype=resolve_dtype(recipe.model.dtype, device),
-                  trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision,
-                  use_safetensors=None if recipe.model.allow_pickle else True)
-    if recipe.adapter.type == "qlora":
-        from tuneforge.models import quantization_config
-
-        kwargs["quantization_config"] = quantization_config(recipe.quant, kwargs["dtype"])
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load {recipe.model.name} with a sequence-classification head: {exc}",
-                         where="model.name", fix="use a decoder model that transformers can load as "
-                                                 "AutoModelForSequenceClassification (Llama, Qwen, SmolLM, ...)") from None
+    model = load_with_score_head(recipe, device, num_labels=1, fix="use a decoder model that transformers can load "
+                                 "as AutoModelForSequenceClassification (Llama, Qwen, SmolLM, ...)")
     if recipe.model.adapter:
         from peft import PeftModel
 
