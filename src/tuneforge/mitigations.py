@@ -122,15 +122,29 @@ def wanted(recipe) -> bool:
     return bool(recipe.train.kl_to_base) or recipe.train.ewc is not None
 
 
-def configure(trainer, ctx, model) -> None:
-    """Set the trainer's regularizers from the recipe (call after the adapter is applied, before training)."""
+def frozen_reference(recipe, model):
+    """Full fine-tuning with train.kl_to_base: a frozen copy of the starting weights (None otherwise: LoRA switches its
+    adapter off instead). Take it BEFORE the trainer is built: TRL's SFTTrainer replaces `model.forward` with a
+    closure over the original model (add_fused_lm_head), so a copy made afterwards would still run the live weights
+    and its KL would stay exactly zero."""
+    if not recipe.train.kl_to_base or hasattr(model, "disable_adapter"):
+        return None
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def configure(trainer, ctx, model, reference=None) -> None:
+    """Set the trainer's regularizers from the recipe (call after the adapter is applied, before training);
+    `reference`: frozen_reference(), taken before the trainer was built."""
     recipe = ctx.recipe
     if recipe.train.kl_to_base:
         trainer.kl_coef = float(recipe.train.kl_to_base)
         if not hasattr(model, "disable_adapter"):  # full fine-tuning: the starting weights, frozen
-            import copy
-
-            trainer.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            if reference is None:
+                raise RuntimeError("train.kl_to_base with full fine-tuning needs mitigations.frozen_reference(), "
+                                   "taken before the trainer is built")
+            trainer.reference = reference
     if recipe.train.ewc is not None:
         batches = fisher_batches(ctx, recipe.train.ewc.fisher_examples, model)
         trainer.ewc = EWC(model, batches, recipe.train.ewc.strength)

@@ -32,6 +32,7 @@ def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks, trainer_cl
 
     trainer_cls = trainer_cls or SFTTrainer
     trainer_cls = mitigations.regularized(trainer_cls) if mitigations.wanted(recipe) else trainer_cls
+    reference = mitigations.frozen_reference(recipe, model)  # before the trainer patches model.forward
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -41,7 +42,7 @@ def build_trainer(ctx, model, train_dataset, eval_dataset, callbacks, trainer_cl
         callbacks=callbacks,
     )
     if mitigations.wanted(recipe):  # train.kl_to_base / train.ewc: terms added to the SFT loss
-        mitigations.configure(trainer, ctx, trainer.model)
+        mitigations.configure(trainer, ctx, trainer.model, reference)
     return trainer
 
 
