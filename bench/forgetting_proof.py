@@ -54,11 +54,15 @@ def main() -> None:
     from tuneforge.recipe import parse_recipe
     from tuneforge.train import train
 
-    rows = []
+    rows, missing = [], []
     for i, (label, changes) in enumerate(VARIANTS.items()):
         folder = Path(args.out) / f"variant{i}"
         if args.reuse and (folder / "summary.json").exists():
             summary = json.loads((folder / "summary.json").read_text())
+        elif args.reuse:  # not finished: the table says so rather than training it here
+            print(f"{label}: no finished run under {folder}, left out", flush=True)
+            missing.append(label)
+            continue
         else:
             recipe = parse_recipe(recipe_for(f"variant{i}", args.steps, **changes))
             run = train(recipe, output=str(folder), overwrite=True, console=Console(), doctor=False)
@@ -77,7 +81,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     stamp = datetime.date.today().isoformat()
     results = ROOT / "bench" / "results"
-    (results / f"forgetting-{stamp}-cpu.json").write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2))
+    (results / f"forgetting-{stamp}-cpu.json").write_text(json.dumps({"steps": args.steps, "rows": rows, "not_measured": missing}, indent=2))
     def interval(delta, ci):
         return "-" if delta is None else f"{delta:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
 
@@ -98,6 +102,7 @@ def main() -> None:
                      f"{interval(r['probe_delta'], r['probe_ci95'])} | {follow} | "
                      f"{interval(r['instructions_delta'], r['instructions_ci95'])} | {'yes' if r['flagged'] else 'no'} | "
                      f"{r['task_base']:.1f} → {r['task_tuned']:.1f} | {interval(r['task_delta'], r['task_ci95'])} |")
+    lines += [f"| {label} | not measured (run unfinished) | | | | | | |" for label in missing]
     lines += ["", "Flag messages:", ""] + [f"- {r['variant']}: {r['flag_message'] or 'none'}" for r in rows]
     (results / f"forgetting-{stamp}-cpu.md").write_text("\n".join(lines) + "\n")
     import matplotlib
