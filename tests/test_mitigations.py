@@ -165,3 +165,18 @@ def test_probe_runs_during_training(tmp_path, tiny_model_dir, small_sft_file, mo
     rows = [r for r in read_metrics(run.path) if "probe_accuracy" in r]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(0.0 <= r["probe_accuracy"] <= 100.0 for r in rows)
+
+
+def test_kl_to_base_changes_the_training_not_only_its_log(tmp_path, tiny_model_dir, small_sft_file):
+    """The KL term must carry a gradient: the same seed and data with and without it end in different weights
+    (TRL's fused-head SFTTrainer returns logits without gradient; a KL on those was logged but trained nothing)."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = []
+    for coef in (0.0, 5.0):
+        run = _train(tmp_path / f"kl{coef}", tiny_model_dir, small_sft_file, adapter={"type": "full"},
+                     train={"max_steps": 2, "lr": 1e-3, "kl_to_base": coef, "scheduler": "constant"})
+        weights.append(load_file(str(run.path / "model" / "model.safetensors")))
+    changed = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+    assert changed, "kl_to_base left every weight as plain SFT trained it"

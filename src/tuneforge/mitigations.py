@@ -99,7 +99,10 @@ def regularized(trainer_cls):
                 ref_inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
                 with torch.no_grad(), (nullcontext() if self.reference is not None else _adapter_off(model)):
                     ref_logits = (self.reference or model)(**ref_inputs).logits
-                kl = token_kl(outputs.logits, ref_logits, inputs["labels"])
+                # TRL's SFTTrainer computes its loss from a fused LM head and hands back logits recomputed without
+                # gradient: the KL needs logits that carry one, so it takes its own forward (one extra pass)
+                logits = model(**ref_inputs).logits
+                kl = token_kl(logits, ref_logits, inputs["labels"])
                 loss = loss + self.kl_coef * kl
                 extra["kl_to_base"] = float(kl.detach())
             if self.ewc is not None:
