@@ -86,7 +86,7 @@ def random_like(config_dir: Path, folder: Path, std: float = 0.1) -> str:
     return str(folder)
 
 
-def offline_answers(pairs, work, max_tokens: int, base: str, device: str) -> tuple[dict, float]:
+def offline_answers(pairs, work, max_tokens: int, base: str, device: str, dtype: str | None) -> tuple[dict, float]:
     """(name, prompt) -> greedy answer, one prompt at a time, as `tuneforge generate` answers (adapter folders are
     loaded as load_target loads a run's adapter/)."""
     from peft import PeftModel
@@ -99,9 +99,9 @@ def offline_answers(pairs, work, max_tokens: int, base: str, device: str) -> tup
     for name in [base] + [n for n, _ in pairs]:
         path = dict(pairs).get(name)
         if path and (Path(path) / "recipe.yaml").exists():
-            model, tokenizer = load_target(path, device=device)
+            model, tokenizer = load_target(path, device=device, dtype=dtype)
         else:
-            model, tokenizer = load_target(base, device=device)
+            model, tokenizer = load_target(base, device=device, dtype=dtype)
             if path:
                 model = PeftModel.from_pretrained(model, path).eval()
         for prompt in sorted({p for n, p in work if n == name}):
@@ -153,6 +153,8 @@ def main() -> int:
     parser.add_argument("--random-init-from", type=Path, help="serve a seeded random-init model with this folder's "
                         "config and tokenizer instead of --base's weights")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="server and offline answers")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="weights dtype, server "
+                        "and offline (default: auto = bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--time-limit", type=float, default=300.0)
     parser.add_argument("--out", default=str(ROOT / "bench/results/2026-12-06-serve-load-cpu"))
     args = parser.parse_args()
@@ -172,13 +174,14 @@ def main() -> int:
             for c in range(args.clients)]
     flat = [item for client in work for item in client]
     log(f"{len(flat)} requests per phase over {names}; offline answers first")
-    expected, offline_s = offline_answers(pairs, set(flat), args.max_tokens, args.base, args.device)
+    expected, offline_s = offline_answers(pairs, set(flat), args.max_tokens, args.base, args.device, args.dtype)
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "tuneforge", "serve", args.base, "--device", args.device, "--port", str(port),
                "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", "20", "--threads", str(args.threads)]
+    command += ["--dtype", args.dtype] if args.dtype else []
     command += [f"--adapter={n}={p}" for n, p in pairs]
     log("server: " + " ".join(command))
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -248,7 +251,8 @@ def main() -> int:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python bench/serve_load.py", *sys.argv[1:]]),
         "machine": (f"{torch.cuda.get_device_name(0)}, " if args.device == "cuda" else "") + f"CPU {os.cpu_count()} cores, "
-                   f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end", "device": args.device, "bench_wall_s": round(time.perf_counter() - began, 1),
+                   f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end", "device": args.device,
+        "dtype": args.dtype or "auto", "bench_wall_s": round(time.perf_counter() - began, 1),
         "base": args.base if not args.random_init_from else f"seeded random-init weights (std 0.1) with the architecture "
                 f"and tokenizer of {args.random_init_from} (SmolLM2-135M)", "adapters": [n for n, _ in pairs], "clients": args.clients, "rounds": args.rounds,
         "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size, "threads": args.threads,
@@ -280,7 +284,8 @@ def markdown(r: dict) -> str:
         f"# tuneforge serve load test ({r['date']})", "",
         f"`{r['command']}` -- {r['machine']}.", "",
         f"Base `{r['base']}` with adapters {', '.join(r['adapters'])} on one server; chat completions, greedy, "
-        f"max_tokens {r['max_tokens']}, batches of up to {r['max_batch_size']}, {r['threads']} torch thread(s). Each client sends {r['rounds']} "
+        f"max_tokens {r['max_tokens']}, batches of up to {r['max_batch_size']}, {r['threads']} torch thread(s), weights "
+        f"dtype {r.get('dtype', 'auto')} (auto = bf16 on a GPU, fp32 on CPU). Each client sends {r['rounds']} "
         "requests back to back, mixing models. Latency is per request, client side.", "",
         "| phase | requests | wall s | requests/s | p50 s | p95 s |", "|---|---|---|---|---|---|", *rows, "",
         f"Concurrent phase: {b['rows']} requests in {b['generate_calls']} generate() calls, {b['mixed_adapter_batches']} "

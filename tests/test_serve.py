@@ -479,6 +479,31 @@ def test_print_vllm(monkeypatch, lora_run, own_folder, model_dir):
     assert f"--lora-modules {lora_run.name}={lora_run / 'adapter'} own={own_folder}" in line
     assert "--enable-lora" in line and "--max-loras 2" in line and "--port 9001" in line
     assert "--max-lora-rank 32" in line  # ranks 16 and 20: the next value vLLM accepts above 20
+    assert "--dtype" not in line
+    result = CliRunner().invoke(app, ["serve", str(lora_run), "--print-vllm", "--dtype", "float32"])
+    assert result.exit_code == 0 and "--dtype float32" in result.stdout
+
+
+def test_dtype_option(monkeypatch, capsys, lora_run, model_dir):
+    """--dtype loads the weights in that dtype (serve and generate alike); a wrong one is a clear error."""
+    from tuneforge.deploy.serve import load_served, plan_serving
+    from tuneforge.models import load_target
+
+    def dtypes(model):  # the base's weights (PEFT keeps LoRA weights in fp32 on any base: autocast_adapter_dtype)
+        return {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+
+    served = load_served(plan_serving(str(lora_run), []), device="cpu", dtype="bfloat16")
+    assert dtypes(served.model) == {torch.bfloat16}
+    model, _ = load_target(str(lora_run), device="cpu", dtype="bfloat16")
+    assert dtypes(model) == {torch.bfloat16}
+    model, _ = load_target(str(model_dir), device="cpu", dtype="float16")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert {p.dtype for p in load_target(str(lora_run), device="cpu")[0].parameters()} == {torch.float32}
+    for command in (["serve", str(lora_run), "--dtype", "fp8"], ["generate", str(lora_run), "--prompt", "hi",
+                                                                   "--dtype", "[fp8]"]):
+        code, err = run_cli(monkeypatch, capsys, *command)
+        assert code != 0 and "Traceback" not in err, err
+        assert f"{command[-1]!r} is not a dtype tuneforge loads weights in" in err and "auto, float32" in err
 
 
 def test_base_as_a_lora_run_serves_its_adapter_under_the_run_name(lora_run, model_dir):

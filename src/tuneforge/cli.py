@@ -24,6 +24,8 @@ err_console = Console(stderr=True)
 TRUST_REMOTE_CODE_HELP = ("Run code shipped with the model (its own modelling files). Off unless you trust it; a run "
                           "directory's saved recipe never turns it on.")
 BASE_HELP = "With a LoRA run: its base model's location now, if it moved (default: the run's model.name)."
+DTYPE_HELP = ("Weights dtype: auto | float32 | bfloat16 | float16 (default: the run's model.dtype; auto = bf16 on a "
+              "GPU). float32 makes greedy answers independent of batching on a GPU.")
 
 
 @app.command()
@@ -223,12 +225,13 @@ def generate(
     max_new_tokens: int = typer.Option(256, help="Generation budget."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
 ):
     """Answer one prompt (greedy), through the model's chat template."""
     from tuneforge.evaluate.generation import chat_prompt, generate_answers
     from tuneforge.models import load_target
 
-    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code, base=base)
+    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code, base=base, dtype=dtype)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     print(generate_answers(model, tokenizer, [chat_prompt(tokenizer, messages)], max_new_tokens=max_new_tokens)[0])
 
@@ -240,12 +243,13 @@ def chat(
     max_new_tokens: int = typer.Option(256, help="Generation budget per answer."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
 ):
     """Talk to a model in the terminal (empty line or Ctrl-D to quit)."""
     from tuneforge.evaluate.generation import chat_prompt, generate_answers
     from tuneforge.models import load_target
 
-    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code, base=base)
+    model, tokenizer = load_target(target, trust_remote_code=trust_remote_code, base=base, dtype=dtype)
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         try:

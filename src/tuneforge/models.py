@@ -171,6 +171,17 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_dtype_option(value: str | None, where: str = "--dtype") -> str | None:
+    """A --dtype given on the command line: one of DTYPE_CHOICES (None = the run's own), else a clear error."""
+    if value is not None and value not in DTYPE_CHOICES:
+        raise ModelError(f"{value!r} is not a dtype tuneforge loads weights in", where=where,
+                         fix=f"pass one of: {', '.join(DTYPE_CHOICES)}")
+    return value
+
+
 def resolve_dtype(choice: str, device: str):
     """auto = bf16 on a GPU that supports it, fp32 elsewhere (seed 000: CPU keeps fp32)."""
     import torch
@@ -409,16 +420,18 @@ def check_generative_run(run_path: str | Path, recipe, verb: str) -> None:
 
 
 def load_target(target: str, *, device: str | None = None, quantized_as_trained: bool = True,
-                trust_remote_code: bool = False, base: str | None = None):
+                trust_remote_code: bool = False, base: str | None = None, dtype: str | None = None):
     """A model to use: a finished run directory (base + adapter, or the full model), a model folder, a hub id,
     or the embedded model. Returns (model, tokenizer). A QLoRA run is loaded on its 4-bit base, as trained.
     `base`: where the run's base model is now (a run moved to another machine, its base with it), instead of the
-    recipe's model.name.
+    recipe's model.name. `dtype` ("float32", "bfloat16", ...): the weights' dtype instead of the recipe's model.dtype
+    (fp32 on a GPU gives answers that do not depend on the batch; bf16 can flip a greedy token).
     `trust_remote_code` comes from the caller (the command line), never from the run's saved recipe: a run whose
     recipe asks for it is refused unless it is passed."""
     from tuneforge.data.template import align_eos
 
     device = device or pick_device()
+    check_dtype_option(dtype)
     path = Path(target)
     if (path / "recipe.yaml").exists():
         from tuneforge.recipe import load_recipe
@@ -429,7 +442,8 @@ def load_target(target: str, *, device: str | None = None, quantized_as_trained:
         check_run_trust(path, recipe, trust_remote_code)
         check_generative_run(path, recipe, "loading a run as a text model")
         model_section = recipe.model.model_copy(update={"trust_remote_code": trust_remote_code,
-                                                        **({"name": base} if base else {})})
+                                                        **({"name": base} if base else {}),
+                                                        **({"dtype": dtype} if dtype else {})})
         weights = run.weights_dir
         if weights.name == "adapter":
             check_base_is_here(model_section.name, path)
@@ -455,7 +469,8 @@ def load_target(target: str, *, device: str | None = None, quantized_as_trained:
         from tuneforge.recipe import ModelSection
 
         tokenizer = load_tokenizer(target, trust_remote_code=trust_remote_code)
-        model = load_base_model(ModelSection(name=target, trust_remote_code=trust_remote_code), device=device)
+        model = load_base_model(ModelSection(name=target, trust_remote_code=trust_remote_code, dtype=dtype or "auto"),
+                                device=device)
     align_eos(tokenizer, model)
     model.eval()
     return model, tokenizer

@@ -188,7 +188,7 @@ def check_host(host: str, allow_remote: bool) -> None:
                          "purpose")
 
 
-def vllm_command(plan: ServePlan, *, host: str, port: int, max_model_len: int | None) -> str:
+def vllm_command(plan: ServePlan, *, host: str, port: int, max_model_len: int | None, dtype: str | None = None) -> str:
     """The `vllm serve` command that serves the same base and adapters."""
     from tuneforge.models import resolve_model_source
 
@@ -197,6 +197,8 @@ def vllm_command(plan: ServePlan, *, host: str, port: int, max_model_len: int | 
     parts += ["--host", host, "--port", str(port)]
     if max_model_len:
         parts += ["--max-model-len", str(max_model_len)]
+    if dtype:  # vLLM's --dtype takes the same names (auto, float32, bfloat16, float16)
+        parts += ["--dtype", dtype]
     if plan.quant is not None:
         parts += ["--quantization", "bitsandbytes"]
     if plan.adapters:
@@ -242,13 +244,16 @@ class ServedModels:
     next_adapter: int = 0  # PEFT adapter names are adapter_0, adapter_1, ... never reused
 
 
-def load_served(plan: ServePlan, *, device: str | None = None, max_model_len: int | None = None) -> ServedModels:
-    """Load the base once and every adapter onto it. Mirrors models.load_target for each name."""
+def load_served(plan: ServePlan, *, device: str | None = None, max_model_len: int | None = None,
+                dtype: str | None = None) -> ServedModels:
+    """Load the base once and every adapter onto it. Mirrors models.load_target for each name (`dtype` as there)."""
     from tuneforge.evaluate.generation import context_limit
-    from tuneforge.models import load_base_model, load_tokenizer
+    from tuneforge.models import check_dtype_option, load_base_model, load_tokenizer
 
+    check_dtype_option(dtype)
     tokenizer_source = str(plan.base_weights) if plan.base_weights else plan.base_section.name
-    model = load_base_model(plan.base_section, quant=plan.quant, device=device)
+    section = plan.base_section.model_copy(update={"dtype": dtype}) if dtype else plan.base_section
+    model = load_base_model(section, quant=plan.quant, device=device)
     base_tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=plan.base_section.trust_remote_code)
     loaded_config = copy.deepcopy(model.generation_config)  # as loaded, before any tokenizer's stop token joins it
     entries = {plan.base_name: _served(plan.base_name, BASE_ROW, base_tokenizer,

@@ -36,6 +36,9 @@ def register(app) -> None:
                                                    "/v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): "
                                                    "hot-load adapters from this machine's disk onto the running base."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one)."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights dtype: auto | float32 | bfloat16 | float16 "
+                                            "(default: the base run's model.dtype; auto = bf16 on a GPU). In bf16 a "
+                                            "greedy answer can change with the batch it shares (docs/deploy-serve.md)."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for generation (default: "
                                               "torch's choice). On a CPU shared with other work, 1 can be faster."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the model "
@@ -47,11 +50,12 @@ def register(app) -> None:
         from rich.markup import escape
 
         from tuneforge.deploy.serve import check_host, load_served, parse_adapter_options, plan_serving, vllm_command
+        from tuneforge.models import check_dtype_option
 
         console = Console()
         plan = plan_serving(base, parse_adapter_options(adapter), trust_remote_code=trust_remote_code)
         if print_vllm:
-            print(vllm_command(plan, host=host, port=port, max_model_len=max_model_len))
+            print(vllm_command(plan, host=host, port=port, max_model_len=max_model_len, dtype=check_dtype_option(dtype)))
             return
         check_host(host, allow_remote)
         import importlib.util
@@ -66,7 +70,7 @@ def register(app) -> None:
 
         sock = bind(host, port)  # before loading: a taken port fails in a second, not after the model loaded
         with console.status(escape(f"loading {plan.base_name} and {len(plan.adapters)} adapter(s)")):
-            served = load_served(plan, device=device, max_model_len=max_model_len)
+            served = load_served(plan, device=device, max_model_len=max_model_len, dtype=dtype)
         server = Server(served, host=host, port=port, max_batch_size=max_batch_size, wait_ms=batch_wait_ms,
                         default_max_tokens=max_tokens, api_key=api_key, allow_adapter_loading=allow_adapter_loading,
                         threads=threads, sock=sock)

@@ -31,10 +31,12 @@ def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool
     from peft import PeftModel
 
     from tuneforge.data.template import align_eos
-    from tuneforge.models import check_base_is_here, check_generative_run, load_base_model, load_tokenizer, resolve_dtype
+    from tuneforge.models import (check_base_is_here, check_dtype_option, check_generative_run, load_base_model,
+                                  load_tokenizer, resolve_dtype)
     from tuneforge.recipe import load_recipe
     from tuneforge.run import open_run
 
+    check_dtype_option(dtype)
     run = open_run(run_dir)
     target = Path(output)
     check_merge_target(target, overwrite=overwrite)
