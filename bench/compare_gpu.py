@@ -8,6 +8,7 @@ writes the report next to the CPU one:
     python bench/compare_gpu.py                                    # every method, 30 steps, llama-1b
     python bench/compare_gpu.py --methods lora,qlora,galore --steps 10
     python bench/compare_gpu.py --size tiny --device cpu --methods lora,ia3 --steps 2   # a smoke test of the script
+    python bench/compare_gpu.py --merge A.json B.json --out STEM   # one report from parts run in separate calls
 
 Results: bench/results/<date>-compare-gpu.{md,json,png} (and .html), plus the command line in the .md. With random
 weights the task scores stay near zero; what the matrix measures on a GPU is each method's trainable parameters,
@@ -78,6 +79,28 @@ def write_recipe(model: Path, path: Path, steps: int, examples: int) -> Path:
     return path
 
 
+def merge(parts: list[str], stem: Path) -> None:
+    """One report from comparisons of disjoint method sets (each GPU call is limited to 10 minutes, so the matrix
+    runs in parts on the same machine kind): rows in METHODS order, each part's machine note kept."""
+    import json
+
+    from tuneforge.compare.report import write_report
+
+    reports = [json.loads(Path(p).read_text()) for p in parts]
+    order = METHODS.split(",")
+    rank = lambda r: order.index(r["method"]) if r["method"] in order else len(order)  # noqa: E731
+    merged = {**reports[0], "command": " ; ".join(r["command"] for r in reports),
+              "methods": sorted((m for r in reports for m in r["methods"]), key=rank),
+              "rows": sorted((row for r in reports for row in r["rows"]), key=rank)}
+    notes = [line for p in parts for line in Path(p).with_suffix(".md").read_text().splitlines()
+             if line.startswith(("Machine:", "Reproduce:"))]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    files = write_report(merged, stem.parent, stem.name)
+    with files["md"].open("a") as f:
+        f.write("\n" + "\n".join(notes) + "\n")
+    print(f"merged {len(parts)} parts into {stem}.md/.json/.html")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=METHODS)
@@ -90,7 +113,11 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/tuneforge-compare-gpu")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}-compare-gpu"),
                         help="stem of the result files (.md, .json, .png, .html)")
+    parser.add_argument("--merge", nargs="+", metavar="PART.json", help="merge the .json results of earlier parts "
+                        "into --out, running nothing")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if args.device == "cuda":
         import torch
 
@@ -117,7 +144,8 @@ def main() -> None:
     with stem.with_suffix(".md").open("a") as f:
         f.write(f"\nMachine: {device}; model: random-weight llama-{args.size} (bf16) with the SmolLM2 tokenizer; "
                 f"{args.steps} steps of 8 x 2 examples; {time.time() - started:.0f} s in all.\n"
-                f"Reproduce: `python bench/compare_gpu.py --methods {args.methods} --steps {args.steps}`\n")
+                f"Reproduce: `python bench/compare_gpu.py --methods {args.methods} --steps {args.steps} --examples "
+                f"{args.examples}`\n")
     print(f"results: {stem}.md/.json/.png (exit {code})")
     sys.exit(code)
 

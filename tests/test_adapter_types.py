@@ -60,6 +60,10 @@ def test_cross_section_errors_name_the_key(tiny_model_dir, small_sft_file):
     assert "`train.optimizer`" in message and "galore_adamw" in message
     message = _recipe_error(tiny_model_dir, small_sft_file, adapter={"type": "prefix_tuning"}, train={"packing": True})
     assert "`train.packing`" in message and "packing: false" in message
+    # found on the GPU matrix: a checkpointed layer drops the attention cache, which is where the prefix travels
+    message = _recipe_error(tiny_model_dir, small_sft_file, adapter={"type": "prefix_tuning"},
+                            train={"gradient_checkpointing": True})
+    assert "`train.gradient_checkpointing`" in message and "gradient_checkpointing: false" in message
     message = _recipe_error(tiny_model_dir, small_sft_file, adapter={"type": "ia3"}, method="dpo")
     assert "`adapter.type`" in message and "supervised" in message
     message = _recipe_error(tiny_model_dir, small_sft_file, train={"optimizer": "galore_adamw"})
@@ -75,6 +79,8 @@ def test_defaults_by_type(tiny_model_dir, small_sft_file):
     assert recipe.train.optimizer == "galore_adamw" and not recipe.uses_peft and recipe.adapter.galore_rank == 128
     soft = _parse(tiny_model_dir, small_sft_file, adapter={"type": "p_tuning"})
     assert soft.speed.padding_free is False and soft.uses_peft and not soft.uses_lora
+    assert soft.train.gradient_checkpointing == "auto"  # p_tuning's virtual tokens are input embeddings: no cache
+    assert _parse(tiny_model_dir, small_sft_file, adapter={"type": "prefix_tuning"}).train.gradient_checkpointing is False
     assert _parse(tiny_model_dir, small_sft_file, adapter={"type": "ia3", "quantize_base": True}).adapter.quantized
     # a saved recipe (every key written out at its default) parses again: only changed keys are checked
     from tuneforge.recipe import Recipe, recipe_to_yaml

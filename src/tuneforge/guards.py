@@ -202,7 +202,7 @@ def oom_advice(recipe) -> list[str]:
         half = smaller_batch(t.batch_size)
         changes.append((f"train.batch_size: {half} with train.grad_accum: {t.grad_accum * (t.batch_size // half)} "
                         f"(same effective batch of {t.batch_size * t.grad_accum})", {"batch_size": half}))
-    if not t.gradient_checkpointing:
+    if not t.gradient_checkpointing and a.type != "prefix_tuning":  # the prefix is a cache checkpointing drops
         changes.append(("train.gradient_checkpointing: true (about 30% slower)", {"gradient_checkpointing": True}))
     if adapter != "qlora":
         changes.append(("adapter.type: qlora (4-bit base weights, LoRA on top)", {"adapter": "qlora", "optimizer": None}))

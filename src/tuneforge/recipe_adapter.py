@@ -166,6 +166,11 @@ def adapter_problems(recipe) -> list[tuple[str, str]]:
         if recipe.speed.padding_free is True:
             problems.append(("speed.padding_free", f"{a.type} prepends virtual tokens to every row; padding-free "
                              "micro-batches have one row. Set speed.padding_free: false (auto turns it off)"))
+    if a.type == "prefix_tuning" and recipe.train.gradient_checkpointing is True:
+        problems.append(("train.gradient_checkpointing", "prefix_tuning hands its virtual keys/values to every layer "
+                         "as the attention cache, and transformers drops the cache in a checkpointed layer (its "
+                         "GradientCheckpointingLayer), so the first step fails; set train.gradient_checkpointing: "
+                         "false (auto leaves it off)"))
     if a.type == "adalora" and adalora_steps(recipe, None) is None and spec.data not in ("conversations", "text"):
         problems.append(("adapter.total_step", "AdaLoRA's budget schedule needs the run's step count: set "
                          "train.max_steps (or adapter.total_step)"))
@@ -174,6 +179,9 @@ def adapter_problems(recipe) -> list[tuple[str, str]]:
 
 def settle_adapter_defaults(recipe) -> None:
     """Defaults of other sections that an adapter type implies (called by Recipe.resolve_defaults): soft prompts turn
-    speed.padding_free auto off (one flattened row cannot carry per-example virtual tokens)."""
+    speed.padding_free auto off (one flattened row cannot carry per-example virtual tokens); prefix tuning turns
+    train.gradient_checkpointing auto off (its prefix travels as the attention cache, which checkpointed layers drop)."""
     if recipe.adapter.type in SOFT_PROMPTS and recipe.speed.padding_free == "auto":
         recipe.speed.padding_free = False
+    if recipe.adapter.type == "prefix_tuning" and recipe.train.gradient_checkpointing == "auto":
+        recipe.train.gradient_checkpointing = False
