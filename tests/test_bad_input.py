@@ -275,12 +275,14 @@ def remote_code_run(tmp_path, finished_run, tiny_model_dir) -> tuple[Path, Path]
     return run, marker
 
 
-@pytest.mark.parametrize("command", ["generate", "eval", "chat", "merge"])
+@pytest.mark.parametrize("command", ["generate", "eval", "chat", "merge", "serve", "export", "combine"])
 def test_run_directory_cannot_turn_on_remote_code(tmp_path, monkeypatch, capsys, remote_code_run, small_sft_file,
                                                   command):
     run, marker = remote_code_run
     extra = {"generate": ["--prompt", "hi"], "eval": ["--data", str(small_sft_file), "--max-examples", "1"],
-             "chat": [], "merge": ["--output", str(tmp_path / "merged")]}[command]
+             "chat": [], "merge": ["--output", str(tmp_path / "merged")], "serve": ["--port", "0"],
+             "export": ["--format", "gguf", "--output", str(tmp_path / "merged" / "x.gguf")],
+             "combine": [str(run), "--method", "linear", "--output", str(tmp_path / "merged")]}[command]
     _refused(monkeypatch, capsys, command, str(run), *extra,
              says=[str(run / "recipe.yaml"), "trust_remote_code: true", "pass --trust-remote-code"])
     assert not marker.exists()

@@ -276,13 +276,7 @@ def merge(
     """Merge the run's adapter into an un-quantized base; writes an ordinary checkpoint."""
     from tuneforge.ops.merge import merge_run
 
-    if (Path(run_dir) / "recipe.yaml").is_file():  # the run's own recipe never turns trust_remote_code on
-        from tuneforge.models import check_run_trust
-        from tuneforge.recipe import load_recipe
-
-        check_run_trust(run_dir, load_recipe(Path(run_dir) / "recipe.yaml"), trust_remote_code)
-
-    target = merge_run(run_dir, output, dtype=dtype, overwrite=overwrite, base=base)
+    target = merge_run(run_dir, output, dtype=dtype, overwrite=overwrite, base=base, trust_remote_code=trust_remote_code)
     console.print(escape(f"merged model written to {target}"))
 
 

@@ -419,6 +419,20 @@ def check_generative_run(run_path: str | Path, recipe, verb: str) -> None:
                              f"AutoModelForSequenceClassification (PEFT's AutoPeftModelForSequenceClassification)")
 
 
+def open_text_run(path: str | Path, verb: str, *, trust_remote_code: bool = False):
+    """(run, recipe) of a finished run directory that a text-model command (generate, chat, merge, export, combine,
+    serve) may load: completed (run.open_run), its saved recipe not turning trust_remote_code on by itself
+    (check_run_trust), and a causal LM, not a scoring head (check_generative_run). `verb` names the command."""
+    from tuneforge.recipe import load_recipe
+    from tuneforge.run import open_run
+
+    run = open_run(path)
+    recipe = load_recipe(run.path / "recipe.yaml")
+    check_run_trust(run.path, recipe, trust_remote_code)
+    check_generative_run(run.path, recipe, verb)
+    return run, recipe
+
+
 def load_target(target: str, *, device: str | None = None, quantized_as_trained: bool = True,
                 trust_remote_code: bool = False, base: str | None = None, dtype: str | None = None):
     """A model to use: a finished run directory (base + adapter, or the full model), a model folder, a hub id,
@@ -434,13 +448,7 @@ def load_target(target: str, *, device: str | None = None, quantized_as_trained:
     check_dtype_option(dtype)
     path = Path(target)
     if (path / "recipe.yaml").exists():
-        from tuneforge.recipe import load_recipe
-        from tuneforge.run import open_run
-
-        run = open_run(path)
-        recipe = load_recipe(path / "recipe.yaml")
-        check_run_trust(path, recipe, trust_remote_code)
-        check_generative_run(path, recipe, "loading a run as a text model")
+        run, recipe = open_text_run(path, "loading a run as a text model", trust_remote_code=trust_remote_code)
         model_section = recipe.model.model_copy(update={"trust_remote_code": trust_remote_code,
                                                         **({"name": base} if base else {}),
                                                         **({"dtype": dtype} if dtype else {})})

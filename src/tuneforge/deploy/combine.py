@@ -73,9 +73,7 @@ def _check_output(target: Path, overwrite: bool) -> None:
 def check_sources(sources: list[str], method: str, weights: list[float], density: float | None,
                   trust_remote_code: bool, max_examples: int | None = None):
     """The finished runs and their recipes, after every check on the command line (ExportError / RunDirError)."""
-    from tuneforge.models import check_generative_run, check_run_trust
-    from tuneforge.recipe import load_recipe
-    from tuneforge.run import open_run
+    from tuneforge.models import open_text_run
 
     if method not in METHODS:
         raise ExportError(f"unknown combine method {method!r}", where="--method", fix=f"use one of: {', '.join(METHODS)}")
@@ -93,10 +91,7 @@ def check_sources(sources: list[str], method: str, weights: list[float], density
         raise ExportError("slerp takes two non-negative weights (t = the second's share)", where="--weights")
     runs, recipes = [], []
     for source in sources:
-        run = open_run(source)  # RunDirError when not a run, or not completed
-        recipe = load_recipe(run.path / "recipe.yaml")
-        check_run_trust(run.path, recipe, trust_remote_code)
-        check_generative_run(run.path, recipe, "tuneforge combine")
+        run, recipe = open_text_run(source, "tuneforge combine", trust_remote_code=trust_remote_code)
         runs.append(run)
         recipes.append(recipe)
     bases = {(r.model.name, r.model.revision) for r in recipes}
@@ -245,7 +240,7 @@ def _combine_full(runs, recipes, labels, settings, held, staging: Path, console,
         if run.weights_dir.name == "model":
             folders.append(run.weights_dir)
         else:
-            folders.append(merge_run(str(run.path), str(staging / f".source{i}")))
+            folders.append(merge_run(str(run.path), str(staging / f".source{i}"), trust_remote_code=trust_remote_code))
     weights, method = settings["weights"], settings["method"]
     config = {"merge_method": method, "dtype": "float32"}
     if method == "slerp":

@@ -90,21 +90,16 @@ def open_source(source: str, work: Path, *, trust_remote_code: bool = False, bas
     """(checkpoint folder, run or None) for a run directory, a model folder, a GGUF file, the embedded model or a
     hub id. A LoRA/QLoRA run is merged into `work` (on `base`, the base's location now if it moved); a run that did
     not complete is refused (RunDirError)."""
-    from tuneforge.models import check_generative_run, check_run_trust, load_target, resolve_model_source
-    from tuneforge.recipe import load_recipe
-    from tuneforge.run import open_run
+    from tuneforge.models import load_target, open_text_run, resolve_model_source
 
     path = Path(source)
     if (path / "recipe.yaml").exists():
-        run = open_run(path)
-        recipe = load_recipe(path / "recipe.yaml")
-        check_run_trust(path, recipe, trust_remote_code)
-        check_generative_run(path, recipe, "tuneforge export")
+        run, _ = open_text_run(path, "tuneforge export", trust_remote_code=trust_remote_code)
         if run.weights_dir.name == "model":  # full fine-tuning (or a combine that produced a full model)
             return run.weights_dir, run
         from tuneforge.ops.merge import merge_run
 
-        return merge_run(str(path), str(work / "merged"), base=base), run
+        return merge_run(str(path), str(work / "merged"), base=base, trust_remote_code=trust_remote_code), run
     folder = Path(resolve_model_source(source))
     if folder.is_dir():
         return folder, None
@@ -186,6 +181,10 @@ def export(source: str, fmt: str, quant: str | None, output: str, *, overwrite: 
         from tuneforge.deploy.gguf_convert import converter_script
 
         converter_script(console)  # the tools are there (fetched on first use), before any merge
+    if (Path(source) / "recipe.yaml").exists():  # a run that cannot be exported: refused before any folder is made
+        from tuneforge.models import open_text_run
+
+        open_text_run(source, "tuneforge export", trust_remote_code=trust_remote_code)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
     try:

@@ -70,16 +70,12 @@ def parse_adapter_options(options: list[str]) -> list[tuple[str, str]]:
 
 def plan_serving(base: str, adapters: list[tuple[str, str]], *, trust_remote_code: bool = False) -> ServePlan:
     """What `serve BASE --adapter NAME=RUN ...` will serve, checked without loading weights."""
-    from tuneforge.models import check_generative_run, check_run_trust
-    from tuneforge.recipe import ModelSection, load_recipe
-    from tuneforge.run import open_run
+    from tuneforge.models import open_text_run
+    from tuneforge.recipe import ModelSection
 
     plan = None
     if (Path(base) / "recipe.yaml").exists():
-        run = open_run(base)
-        recipe = load_recipe(run.path / "recipe.yaml")
-        check_run_trust(run.path, recipe, trust_remote_code)
-        check_generative_run(run.path, recipe, "tuneforge serve")
+        run, recipe = open_text_run(base, "tuneforge serve", trust_remote_code=trust_remote_code)
         section = recipe.model.model_copy(update={"trust_remote_code": trust_remote_code})
         if run.weights_dir.name == "model":  # full fine-tuning: the run's model is the base
             plan = ServePlan(run.path.name, section.model_copy(update={"name": str(run.weights_dir)}),
@@ -116,17 +112,12 @@ def _adapter_plan(name: str, path: Path, plan: ServePlan, trust_remote_code: boo
                   sub: str | None = None) -> AdapterPlan:
     """One adapter: a finished LoRA/QLoRA run directory (its adapter/ folder, or `sub`: one of a per-tenant run's
     adapter folders), or a PEFT adapter folder."""
-    from tuneforge.models import check_generative_run, check_run_trust
-    from tuneforge.recipe import load_recipe
-    from tuneforge.run import open_run
+    from tuneforge.models import open_text_run
 
     where = f"--adapter {name}={path}"
     run_path = None
     if (path / "recipe.yaml").exists():
-        run = open_run(path)
-        recipe = load_recipe(run.path / "recipe.yaml")
-        check_run_trust(run.path, recipe, trust_remote_code)
-        check_generative_run(run.path, recipe, "tuneforge serve")
+        run, recipe = open_text_run(path, "tuneforge serve", trust_remote_code=trust_remote_code)
         if run.weights_dir.name != "adapter":
             raise ServeError(f"{path} is a full fine-tuning run; it has no adapter to put on a base", where=where,
                              fix=f"serve it as the base: tuneforge serve {path}")

@@ -26,22 +26,20 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 MODEL_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
-def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool = False, base: str | None = None) -> Path:
-    """The run's adapter folded into its un-quantized base (`base`: the base's location now, if it moved)."""
+def merge_run(run_dir: str, output: str, *, dtype: str = "auto", overwrite: bool = False, base: str | None = None,
+              trust_remote_code: bool = False) -> Path:
+    """The run's adapter folded into its un-quantized base (`base`: the base's location now, if it moved).
+    `trust_remote_code` comes from the command line (models.open_text_run), never from the run's recipe."""
     from peft import PeftModel
 
     from tuneforge.data.template import align_eos
-    from tuneforge.models import (check_base_is_here, check_dtype_option, check_generative_run, load_base_model,
-                                  load_tokenizer, resolve_dtype)
-    from tuneforge.recipe import load_recipe
-    from tuneforge.run import open_run
+    from tuneforge.models import (check_base_is_here, check_dtype_option, load_base_model, load_tokenizer,
+                                  open_text_run, resolve_dtype)
 
     check_dtype_option(dtype)
-    run = open_run(run_dir)
+    run, recipe = open_text_run(run_dir, "tuneforge merge", trust_remote_code=trust_remote_code)
     target = Path(output)
     check_merge_target(target, overwrite=overwrite)
-    recipe = load_recipe(run.path / "recipe.yaml")
-    check_generative_run(run.path, recipe, "tuneforge merge")
     if not recipe.uses_peft:
         raise RunDirError(f"{run.path} is a full fine-tuning run; its model/ folder is already a merged checkpoint",
                           fix=f"use {run.weights_dir} directly")
