@@ -334,6 +334,7 @@ def _register_rooms() -> None:
     board(app)
     rate(app)
     compare(app)
+    from tuneforge.federated.commands import register as federated; federated(app)  # noqa: E702
 
 
 _register_rooms()

@@ -73,14 +73,22 @@ class AuditedGrid:
     for replies that ends when `stop` is set (Flower's own waits up to the strategy's timeout, an hour, which would
     keep a stopped run's process alive)."""
 
-    def __init__(self, grid, adapter_names: set[str], traffic: dict, stop):
+    def __init__(self, grid, adapter_names: set[str], traffic: dict, stop, *, number_nodes: bool = False):
         self._grid, self.names, self.traffic, self.stop = grid, adapter_names, traffic, stop
+        # Deployment engine: a client does not know its number (its records are its own, not a shard of a split),
+        # and Flower's node ids (64-bit unsigned) do not fit a MetricRecord. The server numbers the SuperNodes in
+        # the order it first sees them (sorted node ids) and writes that number into each reply's metrics.
+        self.node_index: dict[int, int] | None = {} if number_nodes else None
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
     def get_node_ids(self):
-        return sorted(self._grid.get_node_ids())
+        ids = sorted(self._grid.get_node_ids())
+        if self.node_index is not None:
+            for node in ids:
+                self.node_index.setdefault(node, len(self.node_index))
+        return ids
 
     def send_and_receive(self, messages, *, timeout=None):
         import time
@@ -106,6 +114,10 @@ class AuditedGrid:
                                    "tuneforge train --resume RUN")
             self._count("to_server", check_content(reply.content, adapter_names=self.names, direction="client -> server",
                                                    message_type=reply.metadata.message_type))
+            if self.node_index is not None:
+                number = self.node_index.setdefault(reply.metadata.src_node_id, len(self.node_index))
+                for record in reply.content.metric_records.values():
+                    record["client"] = number
         return replies
 
     def _count(self, direction: str, size: int) -> None:
@@ -130,6 +142,9 @@ class ClientJob:
     local_epochs: float | None
     seed: int
     clipping: str | None = None  # "client": Flower's fixedclipping_mod clips each update before it is sent
+    # (job, context) -> (client number, shard, tokenized training, tokenized held-out); None: the simulation's
+    # shard of the recipe's split (client_shard, numbered by the virtual SuperNode's partition-id)
+    records: object = None
 
 
 _SHARDS: dict = {}
@@ -195,11 +210,15 @@ def build_client_app(job: ClientJob):
 
         from tuneforge.federated.local import workbench_for
 
-        index = int(context.node_config["partition-id"])
         config = msg.content["config"]
         global_round = int(config["server-round"]) + int(config.get("round-offset", 0))
         state = msg.content["arrays"].to_torch_state_dict()
-        return index, global_round, state, workbench_for(job.recipe, job.pieces, job.base_dir), client_shard(job, index)
+        bench = workbench_for(job.recipe, job.pieces, job.base_dir)
+        if job.records is not None:
+            index, *data = job.records(job, context)
+            return index, global_round, state, bench, tuple(data)
+        index = int(context.node_config["partition-id"])
+        return index, global_round, state, bench, client_shard(job, index)
 
     @app.train()
     def train(msg, context):
@@ -290,22 +309,28 @@ def build_strategy(job: ServerJob):
 
 
 def build_server_app(job: ServerJob):
-    from flwr.app import ArrayRecord, ConfigRecord
     from flwr.serverapp import ServerApp
 
     app = ServerApp()
 
     @app.main()
     def main(grid, context):
-        random.seed(job.seed)  # Flower samples the clients of a round with `random`
-        config = {"round-offset": job.round_offset}
-        build_strategy(job).start(
-            grid=AuditedGrid(grid, job.adapter_names, job.traffic, job.stop), initial_arrays=ArrayRecord(job.initial),
-            num_rounds=job.rounds_left, train_config=ConfigRecord(dict(config)),
-            evaluate_config=ConfigRecord(dict(config)),
-            evaluate_fn=lambda server_round, arrays: job.on_round(server_round + job.round_offset, arrays))
+        serve(job, grid)
 
     return app
+
+
+def serve(job: ServerJob, grid, *, number_nodes: bool = False) -> None:
+    """The ServerApp's work on the Grid Flower hands it: the strategy's rounds, every message checked."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    random.seed(job.seed)  # Flower samples the clients of a round with `random`
+    config = {"round-offset": job.round_offset}
+    build_strategy(job).start(
+        grid=AuditedGrid(grid, job.adapter_names, job.traffic, job.stop, number_nodes=number_nodes),
+        initial_arrays=ArrayRecord(job.initial), num_rounds=job.rounds_left, train_config=ConfigRecord(dict(config)),
+        evaluate_config=ConfigRecord(dict(config)),
+        evaluate_fn=lambda server_round, arrays: job.on_round(server_round + job.round_offset, arrays))
 
 
 # ---------------------------------------------------------------------------------------------------------------
