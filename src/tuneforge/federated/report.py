@@ -70,12 +70,15 @@ def print_summary(console, run, summary: dict) -> None:
     table = Table(title=f"{run.path.name}: global held-out {metric} ({summary['n_eval']} records)")
     table.add_column("")
     table.add_column(metric, justify="right")
-    rows = [("base model", comparison["base"]), ("federated (global adapter)", comparison["federated"]),
-            ("central, same budget", comparison["central"])]
+    rows = [("base model", comparison["base"]), ("federated (global adapter)", comparison["federated"])]
+    if not summary["federated"].get("baselines_not_run"):
+        rows.append(("central, same budget", comparison["central"]))
     rows += [(f"{name} alone", value) for name, value in comparison["local"].items()]
     for label, value in rows:
         table.add_row(label, _num(value, 4 if metric == "eval_loss" else 1))
     console.print(table)
+    if summary["federated"].get("baselines_not_run"):
+        console.print(f"baselines: {summary['federated']['baselines_not_run']}")
     console.print(f"trained {summary['federated']['rounds']} rounds ({summary['steps']} client steps) in "
                   f"{summary['train_seconds']:.0f}s; run directory: {run.path}")
 
@@ -183,6 +186,9 @@ def render(run_path: Path, summary: dict, status: dict, plot: Path | None) -> st
             parts.append("<section><h2>Comparison</h2>" + _table(
                 ["model", "optimizer steps", f"global held-out {metric}", f"own held-out {metric}"], compared)
                 + "</section>")
+        if fed.get("baselines_not_run"):
+            parts.append(f"<section><h2>Comparison</h2><p>Baselines (central, each client alone): "
+                         f"{esc(fed['baselines_not_run'])}.</p><p>{esc(fed.get('records', ''))}</p></section>")
         rows = []
         for e in fed.get("rounds_history") or []:
             s = e.get("spread") or {}

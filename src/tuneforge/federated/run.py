@@ -86,6 +86,13 @@ def open_run_directory(recipe, output, *, overwrite: bool, resume: bool, console
     path = run_path_for(recipe, output)
     if resume:
         refuse_if_in_use(path, "train --resume")
+        if (RunDir(path).read_json("environment.json", {}) or {}).get("engine") == "deployment":
+            from tuneforge.errors import RunDirError
+
+            raise RunDirError(f"{path} was trained on Flower's deployment engine (tuneforge federated app); "
+                              "tuneforge train --resume would continue it on the simulation engine with pooled "
+                              "records", fix="start a new run: tuneforge federated app RECIPE --output APP_DIR "
+                              "--run-dir NEW_RUN_DIR, then flwr run APP_DIR tuneforge")
         last = R.resume_point(RunDir(path), recipe.federated.rounds)
         return path, last
     check_output_path(path, overwrite=overwrite)
