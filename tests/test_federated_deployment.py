@@ -156,6 +156,18 @@ def test_the_app_folder_is_a_flower_app_carrying_the_recipe(tiny_model_dir, shop
     write_app(tmp_path / "r.yaml", tmp_path / "app", run_dir=tmp_path / "run", overwrite=True)
 
 
+def test_resume_refuses_a_run_of_the_deployment_engine(tiny_model_dir, shop_files, tmp_path):
+    from tuneforge.federated.run import open_run_directory
+    from tuneforge.recipe import load_recipe
+
+    recipe = load_recipe(recipe_file(tiny_model_dir, shop_files, tmp_path / "r.yaml"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "environment.json").write_text(json.dumps({"engine": "deployment"}), encoding="utf-8")
+    with pytest.raises(RunDirError, match="deployment engine"):
+        open_run_directory(recipe, str(run), overwrite=False, resume=True, console=None)
+
+
 def test_cli_errors_are_clear_without_a_traceback(tiny_model_dir, shop_files, tmp_path):
     plain = recipe_file(tiny_model_dir, shop_files, tmp_path / "plain.yaml")
     no_section = without_federated(plain)
@@ -239,7 +251,8 @@ def test_two_supernodes_train_two_rounds_each_on_its_own_records(tiny_model_dir,
                          for p in sorted(logs.glob("*.log")))
 
     try:
-        link = start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+        link = start("superlink", [str(BIN / "flower-superlink"), "--insecure",
+                                   "--disable-runtime-dependency-installation",
                                    "--serverappio-api-address", f"127.0.0.1:{appio}",
                                    "--fleet-api-address", f"127.0.0.1:{fleet}",
                                    "--control-api-address", f"127.0.0.1:{control}"])

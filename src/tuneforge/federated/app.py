@@ -137,7 +137,12 @@ def write_app(recipe_path, app_dir, *, run_dir=None, superlink: str = "127.0.0.1
         raise DataError(f"the global held-out set {recipe.data.eval} does not exist", where="data.eval",
                         fix="the server scores every round on it: give data.eval as a file on the server's machine")
     run_dir = Path(run_dir or run_path_for(recipe, None)).resolve()
-    check_output_path(run_dir, overwrite=False)
+    try:
+        check_output_path(run_dir, overwrite=False)
+    except RunDirError as exc:
+        raise RunDirError(exc.message, where="--run-dir",
+                          fix="the server writes a new run directory: pass --run-dir NEW_FOLDER, or remove the "
+                          "old run") from None
     if ":" not in superlink:
         raise DataError(f"--superlink {superlink!r} is not HOST:PORT", where="--superlink",
                         fix="give the SuperLink's Control API address, e.g. 10.0.0.5:9093")

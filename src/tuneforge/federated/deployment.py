@@ -225,7 +225,6 @@ class DeployedRun(FederatedRun):
     summary and report as FederatedRun; no split, no pooled records, no baselines."""
 
     def run_on(self, grid, output: str):
-        from tuneforge.federated.split import Split
         from tuneforge.recipe import recipe_to_yaml
         from tuneforge.run import RunDir, check_output_path, environment, release_run
 
@@ -233,7 +232,6 @@ class DeployedRun(FederatedRun):
         check_output_path(path, overwrite=False)
         recipe, self.split, self.bench = self._prepare()
         self.recipe, self.fed, self.base_dir = recipe, recipe.federated, None
-        assert isinstance(self.split, Split)
         run = RunDir(path)
         run.create(overwrite=False, console=self.console)
         run.write_text("recipe.yaml", recipe_to_yaml(recipe))

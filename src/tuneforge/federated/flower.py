@@ -109,9 +109,10 @@ class AuditedGrid:
                 time.sleep(0.1)
         for reply in replies:
             if reply.has_error():
+                again = ("resume the run with tuneforge train --resume RUN" if self.node_index is None else
+                         "write the App again with a new --run-dir (tuneforge federated app) and flwr run it")
                 raise ClientFailed(f"a client failed ({reply.error.reason.strip()[-1500:]})",
-                                   fix="the client's error is above; fix it and resume the run with "
-                                   "tuneforge train --resume RUN")
+                                   fix=f"the client's error is above; fix it and {again}")
             self._count("to_server", check_content(reply.content, adapter_names=self.names, direction="client -> server",
                                                    message_type=reply.metadata.message_type))
             if self.node_index is not None:
