@@ -328,13 +328,14 @@ def _register_rooms() -> None:
     from tuneforge.board.commands import register as board
     from tuneforge.compare.commands import register as compare
     from tuneforge.deploy.commands import register as deploy
+    from tuneforge.federated.commands import register as federated
     from tuneforge.rate.commands import register as rate
 
     deploy(app)
     board(app)
     rate(app)
     compare(app)
-    from tuneforge.federated.commands import register as federated; federated(app)  # noqa: E702
+    federated(app)
 
 
 _register_rooms()

@@ -226,7 +226,7 @@ class DeployedRun(FederatedRun):
 
     def run_on(self, grid, output: str):
         from tuneforge.recipe import recipe_to_yaml
-        from tuneforge.run import RunDir, check_output_path, environment, release_run
+        from tuneforge.run import RunDir, check_output_path, environment
 
         path = Path(output)
         check_output_path(path, overwrite=False)
@@ -239,14 +239,10 @@ class DeployedRun(FederatedRun):
 
         run.write_json("environment.json", {**environment(), "flwr": _version("flwr"), "engine": "deployment"})
         self.run_dir = run
-        try:
+        from tuneforge.federated.run import failed_on_error
+
+        with failed_on_error(run, self.writing):
             return self._serve(run, grid)
-        except BaseException as exc:
-            with self.writing:
-                run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
-            raise
-        finally:
-            release_run(run)
 
     def _prepare(self):
         from tuneforge.data.pipeline import load_examples

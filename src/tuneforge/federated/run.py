@@ -22,8 +22,25 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 from tuneforge.federated import rounds as R
+
+
+@contextmanager
+def failed_on_error(run, writing: threading.Lock):
+    """A federated run's life (either engine): any error marks status.json failed -- under the round writer's lock,
+    so a round being written finishes first -- and the run's lock is released however it ends."""
+    from tuneforge.run import release_run
+
+    try:
+        yield
+    except BaseException as exc:
+        with writing:
+            run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+        raise
+    finally:
+        release_run(run)
 
 
 def train_federated(recipe, *, pieces, output=None, overwrite=False, console=None, resume=False, doctor=True):
@@ -112,7 +129,7 @@ class FederatedRun:
     # -- the life ---------------------------------------------------------------------------------------------------
     def run(self, *, output, overwrite, resume, doctor):
         from tuneforge.recipe import recipe_to_yaml
-        from tuneforge.run import RunDir, acquire_run_lock, environment, release_run
+        from tuneforge.run import RunDir, acquire_run_lock, environment
 
         path, last = open_run_directory(self.recipe, output, overwrite=overwrite, resume=resume, console=self.console)
         recipe, split, bench, base_dir = prepare(self.recipe, self.pieces, self.console, resume=resume, doctor=doctor)
@@ -134,21 +151,16 @@ class FederatedRun:
             run.write_json("data_stats.json", split.describe())
             run.write_json("eval/clients.json", split.describe())
         self.run_dir = run
-        try:
-            return self._life(run, last or 0, resume)
-        except KeyboardInterrupt:
-            with self.writing:  # Flower's thread has been told to stop (simulate); a round being written finishes
-                done = R.completed_rounds(run)
-                run.set_status("interrupted", finished=time.time(), last_round=done[-1] if done else None)
-            self.console.print(f"[yellow]stopped; rounds checkpointed: {done or 'none'}.[/] Continue with: "
-                               f"tuneforge train --resume {run.path}")
-            return run
-        except BaseException as exc:
-            with self.writing:
-                run.set_status("failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
-            raise
-        finally:
-            release_run(run)
+        with failed_on_error(run, self.writing):
+            try:
+                return self._life(run, last or 0, resume)
+            except KeyboardInterrupt:
+                with self.writing:  # Flower's thread has been told to stop (simulate); a round being written finishes
+                    done = R.completed_rounds(run)
+                    run.set_status("interrupted", finished=time.time(), last_round=done[-1] if done else None)
+                self.console.print(f"[yellow]stopped; rounds checkpointed: {done or 'none'}.[/] Continue with: "
+                                   f"tuneforge train --resume {run.path}")
+                return run
 
     def _life(self, run, last: int, resumed: bool):
         from tuneforge.federated.flower import ClientJob, ServerJob, simulate
