@@ -33,7 +33,7 @@ READS: dict[str, tuple[str, ...]] = {
                 "tfinal", "deltaT", "total_step"),
     "ia3": ("target_modules", "feedforward_modules", "modules_to_save"),
     "prompt_tuning": ("num_virtual_tokens", "prompt_init_text"),
-    "prefix_tuning": ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
+    "prefix_tuning": ("num_virtual_tokens", "prefix_projection", "prefix_init", "encoder_hidden_size"),
     "p_tuning": ("num_virtual_tokens", "encoder_hidden_size", "encoder_reparameterization_type"),
     "bottleneck": ("bottleneck_reduction", "dropout"),
     "galore": ("galore_rank", "galore_update_proj_gap", "galore_scale", "galore_target_modules"),

@@ -57,7 +57,8 @@ def peft_config(adapter, model_config=None):
 
         hidden = adapter.encoder_hidden_size or getattr(model_config, "hidden_size", None) or 768
         return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=adapter.num_virtual_tokens,
-                                  prefix_projection=adapter.prefix_projection, encoder_hidden_size=hidden)
+                                  prefix_projection=adapter.prefix_projection, encoder_hidden_size=hidden,
+                                  init_weights="zero" if adapter.prefix_init == "zero" else None)
     if kind == "p_tuning":
         from peft import PromptEncoderConfig
 

@@ -70,6 +70,10 @@ class AdapterSection(Section):
                                          "this text's embeddings (e.g. 'Classify the sentiment:'); none: random.")
     prefix_projection: bool = Field(False, description="Prefix tuning: reparameterise the prefix through a 2-layer "
                                     "MLP (P-tuning v2 / the prefix-tuning paper's stable training).")
+    prefix_init: Literal["zero", "random"] = Field("zero", description="Prefix tuning: zero = PEFT's no-op start "
+                                                   "(zero keys/values, or a zero last projection layer); random = "
+                                                   "PEFT's default, which on a pretrained model started the loss at "
+                                                   "11.5 against the base's 0.47 (bench/results/2026-12-07-compare-cpu.md).")
     encoder_hidden_size: int | None = Field(None, gt=0, description="Prefix projection / P-tuning encoder width "
                                             "(default: the model's hidden size).")
     encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field("MLP", description="P-tuning prompt encoder.")
