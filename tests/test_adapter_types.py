@@ -77,6 +77,8 @@ def test_defaults_by_type(tiny_model_dir, small_sft_file):
                   "adalora": 2e-4, "lisa": 2e-5, "galore": 2e-5}
     recipe = _parse(tiny_model_dir, small_sft_file, adapter={"type": "galore"})
     assert recipe.train.optimizer == "galore_adamw" and not recipe.uses_peft and recipe.adapter.galore_rank == 128
+    deep = _parse(tiny_model_dir, small_sft_file, adapter={"type": "prefix_tuning", "prefix_projection": True})
+    assert deep.train.lr == 1e-3  # P-tuning v2: 1e-2 diverged on the embedded model (compare-cpu results)
     soft = _parse(tiny_model_dir, small_sft_file, adapter={"type": "p_tuning"})
     assert soft.speed.padding_free is False and soft.uses_peft and not soft.uses_lora
     assert soft.train.gradient_checkpointing == "auto"  # p_tuning's virtual tokens are input embeddings: no cache
@@ -523,3 +525,44 @@ def test_prefix_init_zero_starts_near_the_base(tiny_model_dir, small_sft_file, p
     assert moved_zero < moved_random / 2, (moved_zero, moved_random)  # 0.041 vs 0.107 (prefix), seeded
     message = _recipe_error(tiny_model_dir, small_sft_file, adapter={"type": "lora", "prefix_init": "random"})
     assert "adapter.prefix_init" in message
+
+
+@pytest.mark.parametrize("adapter", [
+    {"type": "prompt_tuning", "num_virtual_tokens": 4},
+    {"type": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16},
+    {"type": "prefix_tuning", "num_virtual_tokens": 4, "prefix_init": "random"},
+], ids=["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_soft_prompt_answers_are_the_forwards_greedy_answers(tmp_path, smol_tokenizer, small_sft_file, adapter):
+    """Found on the CPU matrix: PEFT's generate for prompt-learning models gave answers that were not the model's
+    (a prefix-tuned run answered as its base). generate_answers (eval, generate, chat) now goes through
+    library_fixes.soft_prompt_generate; its batched, left-padded answers must equal a greedy loop over the model's
+    own forward, one prompt at a time, without a cache."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.adapter_peft import apply_peft_type
+    from tuneforge.evaluate.generation import generate_answers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, initializer_range=0.2, pad_token_id=smol_tokenizer.pad_token_id,
+                         eos_token_id=smol_tokenizer.eos_token_id, bos_token_id=smol_tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    smol_tokenizer.save_pretrained(tmp_path / "model")
+    spec = _parse(tmp_path / "model", small_sft_file, adapter=adapter).adapter
+    torch.manual_seed(1)
+    model = apply_peft_type(LlamaForCausalLM.from_pretrained(tmp_path / "model"), spec).eval()
+    prompts = ["hello there", "Extract the order as JSON: Anna from Oslo wants 3 mugs.", "2+2?"]
+    answers = generate_answers(model, smol_tokenizer, prompts, max_new_tokens=6)
+    for prompt, answer in zip(prompts, answers):
+        ids = smol_tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        start = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(6):
+                step = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()
+                ids = torch.cat([ids, step.view(1, 1)], dim=1)
+                if step.item() == smol_tokenizer.eos_token_id:
+                    break
+        assert answer == smol_tokenizer.decode(ids[0, start:], skip_special_tokens=True), prompt
+    assert len(set(answers)) > 1  # the answers depend on the prompt: the check is not comparing constants

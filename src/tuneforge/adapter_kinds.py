@@ -55,8 +55,15 @@ SAVED_AS_MODEL = (*FULL_SAVERS, "full", "none")  # model/ (full weights); the re
 # parameters; the full-parameter types take the method's full fine-tuning rate. IA3: 3e-3 (IA3 paper, T-Few);
 # prompt tuning 3e-2 and prefix/P-tuning 1e-2 (PEFT's documented examples: soft prompts need large steps);
 # bottleneck 1e-4 (AdapterHub's documented default); AdaLoRA as LoRA (PEFT's examples).
+# P-tuning v2 (prefix_tuning with prefix_projection) 1e-3: at prefix tuning's 1e-2 its MLP diverged on the embedded
+# model at the third step (loss 0.5 -> 25), at 1e-3 it fell 0.73 -> 0.02 in 20 steps (bench/results/2026-12-07-compare-cpu.md).
 LR_SCALE = {"ia3": 15.0, "prompt_tuning": 150.0, "prefix_tuning": 50.0, "p_tuning": 50.0, "bottleneck": 0.5,
-            "adalora": 1.0, "lora": 1.0, "qlora": 1.0}
+            "adalora": 1.0, "lora": 1.0, "qlora": 1.0, "ptuning_v2": 5.0}
+
+
+def lr_type(adapter) -> str:
+    """The LR_SCALE key of an adapter section: its type, or ptuning_v2 for prefix tuning with prefix_projection."""
+    return "ptuning_v2" if adapter.type == "prefix_tuning" and adapter.prefix_projection else adapter.type
 
 
 def lr_kind(adapter_type: str) -> tuple[str, float]:

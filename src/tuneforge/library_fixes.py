@@ -57,3 +57,35 @@ def quiet_bitsandbytes_cpu_kernel_notice() -> None:
     import logging
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def soft_prompt_generate(model, input_ids, attention_mask, **kwargs):
+    """Greedy generation for a PEFT prompt-learning model (prompt tuning, P-tuning, prefix tuning), as its forward
+    computes it. Why: with PEFT 0.21 on transformers 5.x, PeftModelForCausalLM.generate does not: a prefix-tuned run's
+    answers came out as the base model's (the prefix never reached the cache), and a P-tuned run's first token was
+    right and the rest garbage, while a no-cache greedy loop over the same model's forward gave the trained answers
+    (found on the CPU comparison matrix, bench/results/2026-12-07-compare-cpu.md). Here transformers' own generate
+    runs on the base model, with the soft prompt applied as PEFT's forward applies it: virtual token embeddings in
+    front of the prompt's (prompt tuning, P-tuning), or the prefix as the starting cache (prefix tuning); the
+    attention mask grows by the virtual tokens either way. Returns [input_ids ; new tokens], as generate does."""
+    import torch
+    from peft import PeftType
+
+    config = model.active_peft_config
+    batch = input_ids.shape[0]
+    virtual = torch.ones(batch, config.num_virtual_tokens, dtype=attention_mask.dtype, device=attention_mask.device)
+    mask = torch.cat([virtual, attention_mask], dim=1)
+    base = model.get_base_model()
+    if config.peft_type == PeftType.PREFIX_TUNING:
+        return base.generate(input_ids=input_ids, attention_mask=mask, past_key_values=model.get_prompt(batch),
+                             **kwargs)
+    prompts = model.get_prompt(batch_size=batch).to(model.word_embeddings.weight.dtype)
+    embeds = torch.cat([prompts, model.word_embeddings(input_ids)], dim=1)
+    new = base.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)  # only the new tokens come back
+    return torch.cat([input_ids, new], dim=1)
+
+
+def is_soft_prompt_model(model) -> bool:
+    """A PEFT model whose active adapter is a prompt-learning one (soft_prompt_generate applies)."""
+    return bool(getattr(model, "active_peft_config", None) is not None
+                and getattr(model.active_peft_config, "is_prompt_learning", False))

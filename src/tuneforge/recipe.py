@@ -326,7 +326,9 @@ class Recipe(_Section):
 
         spec = method_spec(self.method)
         if self.train.lr is None:
-            self.train.lr = spec.default_lr(self.adapter.type)
+            from tuneforge.adapter_kinds import lr_type
+
+            self.train.lr = spec.default_lr(lr_type(self.adapter))
         if spec.kl is not None and self.rl.kl_coef is None:
             self.rl.kl_coef = spec.kl
         for key, problem in spec.refusals(self):

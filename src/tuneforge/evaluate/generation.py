@@ -58,6 +58,9 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     task = progress.add_task(description, total=len(prompts)) if progress is not None else None
     was_training = model.training
     model.eval()
+    from tuneforge.library_fixes import is_soft_prompt_model, soft_prompt_generate
+
+    generate = (lambda **kw: soft_prompt_generate(model, **kw)) if is_soft_prompt_model(model) else model.generate
     try:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
@@ -65,7 +68,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
             truncated += cut
             encoded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
             with torch.no_grad():
-                output = model.generate(
+                output = generate(
                     **encoded,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,

@@ -24,8 +24,11 @@ def check_learning_rate(ctx: Context):
     lr = ctx.recipe.train.lr
     if lr is None:
         return
+    from tuneforge.adapter_kinds import lr_type
+
     spec, preference = ctx.spec, ctx.family == "preference"
-    low, high = spec.lr_range_for(ctx.adapter)
+    rate_type = lr_type(ctx.recipe.adapter)  # P-tuning v2 has its own rate beside prefix tuning's
+    low, high = spec.lr_range_for(rate_type)
     if ctx.family in ("supervised", "distillation"):
         label = "full fine-tuning" if ctx.adapter in ("full", "none") else ctx.adapter
     else:
@@ -41,7 +44,7 @@ def check_learning_rate(ctx: Context):
     yield Finding(
         "error" if far else "warning", "lr-out-of-range",
         f"learning rate {lr:g} is {'far ' if far else ''}{direction} for {label} (documented range {low:g} to {high:g})",
-        why, f"start at {_rate(spec.default_lr(ctx.adapter))} and bisect from there (set train.lr, or remove it for the "
+        why, f"start at {_rate(spec.default_lr(rate_type))} and bisect from there (set train.lr, or remove it for the "
              "default)",
         ctx.where("train.lr"))
 
