@@ -73,10 +73,10 @@ def markdown(summary: dict, environment: dict, recipe: dict, command: str, secon
     lines = [f"# Federated fine-tuning proof, {stem[:10]}", "",
              f"command: `{command}`" + (f" ({seconds / 60:.1f} min wall clock)" if seconds else ""),
              f"machine: {environment.get('device')}, {environment.get('platform')}; flwr {environment.get('flwr')}, "
-             f"ray {environment.get('ray')}, torch {(environment.get('versions') or {}).get('torch')}. A 2-core CPU "
-             "shared with other jobs (load average 6-9 during the run), run under `nice -n 5`.", "",
-             f"Recipe `recipes/federated.yaml` with this bench's smaller budget (the recipe as shipped -- 8 rounds x 3 "
-             "steps of batch 8, 40 global held-out records -- takes hours on this shared CPU): embedded "
+             f"ray {environment.get('ray')}, torch {(environment.get('versions') or {}).get('torch')}. How loaded "
+             "the machine was is in the note above (the script does not measure it).", "",
+             f"Recipe `recipes/federated.yaml` with the budget below (the recipe as shipped: 8 rounds x 3 steps of "
+             "batch 8, lr 1e-3, 40 global held-out records): embedded "
              f"SmolLM2-135M-Instruct, LoRA r={adapter.get('r')} on {modules}, lr {train['lr']} constant, "
              f"{fed['clients']} clients (one per shop, `split: field:shop`), {fed['rounds']} rounds x "
              f"{fed['local_steps']} local steps of batch {train['batch_size']}, {fed['aggregation']}; global held-out: "
