@@ -68,7 +68,10 @@ CASES = {
 }
 CONTENDERS = ["tuneforge", "trl_best", "unsloth"]
 OPTIONAL = ["trl_plain", "trl_best_varlen"]
-TUNEFORGE_CANDIDATES = {"defaults": {}, "layout_speed": {"layout": "speed"}}
+# tuneforge's sweep: its defaults, the speed layout, and the speed layout without gradient checkpointing (the other
+# contenders' sweep tries checkpointing off too); "gradient_checkpointing" goes to the recipe's train: section
+TUNEFORGE_CANDIDATES = {"defaults": {}, "layout_speed": {"layout": "speed"},
+                        "no_checkpointing": {"layout": "speed", "gradient_checkpointing": False}}
 
 
 def lr_for(adapter: str) -> float:
@@ -326,6 +329,8 @@ def tuneforge_worker(spec: dict) -> dict:
         "eval": {"baseline": False, "forgetting": False, "few_shot": 0, "max_examples": 1, "max_new_tokens": 4},
         "speed": dict(spec.get("speed") or {}),
     }
+    if "gradient_checkpointing" in recipe["speed"]:
+        recipe["train"]["gradient_checkpointing"] = recipe["speed"].pop("gradient_checkpointing")
     try:
         run = train(parse_recipe(recipe), output=str(Path(spec["workdir"]) / "run"), console=Console(quiet=True),
                     doctor=False, overwrite=True)
@@ -508,6 +513,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep (its choices go to --out)")
     parser.add_argument("--sweep-from", default=None, help="a results JSON whose sweep choices to use (no new sweep)")
+    parser.add_argument("--first-repeat", type=int, default=0, help="number the repeats from here (a later call's "
+                        "repeats keep the alternated order; join the files with --merge)")
+    parser.add_argument("--merge", nargs="+", help="join results files of one case measured in several calls (the "
+                        "sweep of the first, the repeats of all) into --out")
     parser.add_argument("--profile", type=int, default=0, metavar="STEP",
                         help="profile steps STEP+1.. of each contender (bench/step_profiler.py: PROFILE.txt in its "
                              "work folder); timings of profiled runs are not comparable")
@@ -516,6 +525,8 @@ def main() -> None:
         return worker(args.worker)
     if args.table:
         return print(table(args.table))
+    if args.merge:
+        return merge(args.merge, args.out, args.contenders.split(","))
     if args.build or args.peak:
         return helper_job("build" if args.build else "peak", args.build or args.peak, args.device)
 
@@ -559,7 +570,7 @@ def main() -> None:
             else:
                 entry["sweep"][contender] = sweep(contender, case, args, folder, data, eval_data, summary)
             save()
-        for repeat in range(0 if args.sweep_only else args.repeats):
+        for repeat in range(args.first_repeat, args.first_repeat + (0 if args.sweep_only else args.repeats)):
             order = contenders if (index + repeat) % 2 == 0 else list(reversed(contenders))
             results = {"order": order}
             for contender in order:
@@ -578,6 +589,21 @@ def main() -> None:
             save()
         print(json.dumps({"case": case, "summary": entry.get("summary")}), flush=True)
     save()
+
+
+def merge(paths: list[str], out: str, contenders: list[str]) -> None:
+    """One results file from several calls: the first file's header and sweep, every file's repeats of each case
+    (each call ran on its own machine, so the note names the devices and matmul peaks of each)."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    report = {**files[0], "merged_from": [{"file": Path(p).name, "device": f.get("device"),
+                                           "matmul_peak_tflops": f.get("matmul_peak_tflops"),
+                                           "repeats": {c: len(e.get("repeats", [])) for c, e in f["cases"].items()}}
+                                          for p, f in zip(paths, files)]}
+    for case, entry in report["cases"].items():
+        entry["repeats"] = [r for f in files for r in f["cases"].get(case, {}).get("repeats", [])]
+        entry["summary"] = combine(entry["repeats"], [c for c in contenders if any(c in r for r in entry["repeats"])])
+    Path(out).write_text(json.dumps(report, indent=1))
+    print(table([out]))
 
 
 def combine(repeats: list[dict], contenders: list[str]) -> dict:
