@@ -242,6 +242,31 @@ def test_proximal_term_keeps_the_client_near_the_global_adapter(tiny_model_dir, 
     assert held < 0.8 * free
 
 
+def test_the_schedule_runs_over_the_whole_federation_not_each_round(tiny_model_dir, two_shops):
+    """Three rounds of 2 local steps with a cosine schedule take the learning rates of one 6-step cosine run (as the
+    central baseline's schedule runs over its steps); without federation_round each round would restart it."""
+    from tuneforge import train as life
+    from tuneforge.federated.local import Workbench
+    from tuneforge.federated.pieces import Pieces
+
+    recipe = parse(fed_recipe(tiny_model_dir, two_shops, {}, train={"lr": 1e-2, "batch_size": 4, "scheduler": "cosine",
+                                                                    "warmup": 1, "logging_steps": 1}))
+    bench = Workbench(recipe, Pieces.from_life(life))
+    examples = bench.tokenize([json.loads(line) for line in two_shops.read_text().splitlines()][:8])
+
+    def rates(**kwargs) -> list[float]:
+        rows: list[dict] = []
+        bench.train(bench.initial, examples, seed=0, sink=rows.append, **kwargs)
+        return [r["learning_rate"] for r in rows if "learning_rate" in r]
+
+    whole = rates(steps=6)
+    sliced = [lr for n in (1, 2, 3) for lr in rates(steps=2, federation_round=(n, 3))]
+    restarted = [lr for _ in (1, 2, 3) for lr in rates(steps=2)]
+    assert len(whole) == 6 and len(set(whole)) >= 4
+    assert sliced == pytest.approx(whole, rel=1e-9)
+    assert restarted[2] == pytest.approx(restarted[0]) and restarted != pytest.approx(whole)
+
+
 def test_a_soft_prompt_crosses_as_its_virtual_token_embeddings(tiny_model_dir, two_shops):
     import torch
 

@@ -225,9 +225,11 @@ def build_client_app(job: ClientJob):
     def train(msg, context):
         index, global_round, state, bench, (shard, train_tok, _held) = setup(msg, context)
         mu = msg.content["config"].get("proximal-mu")
+        rounds = int(msg.content["config"].get("rounds", global_round))
         result = bench.train(state, train_tok, steps=job.local_steps, epochs=job.local_epochs,
                              seed=job.seed + 1009 * global_round + index, proximal_mu=float(mu) if mu else None,
-                             sink=_metrics_sink(job.metrics_path), tags={"round": global_round, "client": index})
+                             sink=_metrics_sink(job.metrics_path), tags={"round": global_round, "client": index},
+                             federation_round=(global_round, max(rounds, global_round)))
         metrics = {"num-examples": len(train_tok), "client": index, "steps": result.steps}
         if result.train_loss is not None and math.isfinite(result.train_loss):
             metrics["train-loss"] = result.train_loss
@@ -326,7 +328,7 @@ def serve(job: ServerJob, grid, *, number_nodes: bool = False) -> None:
     from flwr.app import ArrayRecord, ConfigRecord
 
     random.seed(job.seed)  # Flower samples the clients of a round with `random`
-    config = {"round-offset": job.round_offset}
+    config = {"round-offset": job.round_offset, "rounds": job.round_offset + job.rounds_left}
     build_strategy(job).start(
         grid=AuditedGrid(grid, job.adapter_names, job.traffic, job.stop, number_nodes=number_nodes),
         initial_arrays=ArrayRecord(job.initial), num_rounds=job.rounds_left, train_config=ConfigRecord(dict(config)),

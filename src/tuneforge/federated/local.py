@@ -72,6 +72,30 @@ class ProximalTerm:
         self.callback = _Callback()
 
 
+def federation_schedule(trainer, round_number: int, rounds: int) -> None:
+    """Make a client's learning rate in round `round_number` (1-based) of `rounds` the slice of train.scheduler
+    (with train.warmup) laid over the client's steps of all rounds, rounds x this round's steps, as the central
+    baseline's schedule is laid over its steps. Without it the Trainer would restart the schedule every round: a
+    cosine would decay within each round's few steps and jump back to the full rate at the next."""
+
+    def create_scheduler(num_training_steps: int, optimizer=None):
+        import torch
+        from torch.optim.lr_scheduler import LambdaLR
+        from transformers import get_scheduler
+
+        if trainer.lr_scheduler is None:
+            args = trainer.args
+            total, offset = num_training_steps * rounds, num_training_steps * (round_number - 1)
+            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            whole = get_scheduler(args.lr_scheduler_type, optimizer=probe, num_warmup_steps=args.get_warmup_steps(total),
+                                  num_training_steps=total, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+            factor = whole.lr_lambdas[0]
+            trainer.lr_scheduler = LambdaLR(optimizer or trainer.optimizer, lambda step: factor(offset + step))
+        return trainer.lr_scheduler
+
+    trainer.create_scheduler = create_scheduler
+
+
 class Workbench:
     """The tokenizer, the adapter-wrapped model and the metric specs of one recipe, in this process."""
 
@@ -127,9 +151,11 @@ class Workbench:
     # -- training -------------------------------------------------------------------------------------------------
     def train(self, state: dict, examples: list, *, steps: int | None = None, epochs: float | None = None, seed: int,
               proximal_mu: float | None = None, sink=None, tags: dict | None = None,
-              console=None) -> LocalResult:
+              console=None, federation_round: tuple[int, int] | None = None) -> LocalResult:
         """Train the adapter from `state` on tokenized `examples` for `steps` optimizer steps (or `epochs` passes),
-        with the method's trainer as train.py builds it; returns the new adapter tensors."""
+        with the method's trainer as train.py builds it; returns the new adapter tensors. federation_round
+        (round, rounds): the learning rate follows the slice of train.scheduler over the whole federation that
+        this round covers (see federation_schedule)."""
         from tuneforge.data.prepared import PreparedData
         from tuneforge.run import RunContext
         from tuneforge.speed import prepare_trainer
@@ -154,6 +180,8 @@ class Workbench:
             trainer, numerical, _interrupt, _plateau = self.pieces.build_guarded_trainer(ctx, self.model,
                                                                                         train_dataset, None)
             prepare_trainer(trainer, recipe)
+            if federation_round is not None:
+                federation_schedule(trainer, *federation_round)
             if proximal_mu:
                 trainer.add_callback(ProximalTerm(self.model, proximal_mu).callback)
             output = trainer.train()
