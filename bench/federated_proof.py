@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def proof_recipe(path: Path, args, run: Path):
     """recipes/federated.yaml with this bench's budget (--rounds, --local-steps, --batch-size, --lr) and a balanced
     subset of the global held-out set (--global-examples per kind): the shipped recipe is sized for a free machine
-    (about an hour on 2 idle cores); the bench keeps the same task, split and model and shrinks the budget to fit."""
+    (about 35 minutes on 2 cores); the defaults keep the same task, split and model with a smaller budget."""
     from tuneforge.recipe import load_recipe
 
     recipe = load_recipe(path)
@@ -75,9 +75,10 @@ def markdown(summary: dict, environment: dict, recipe: dict, command: str, secon
              f"machine: {environment.get('device')}, {environment.get('platform')}; flwr {environment.get('flwr')}, "
              f"ray {environment.get('ray')}, torch {(environment.get('versions') or {}).get('torch')}. How loaded "
              "the machine was is in the note above (the script does not measure it).", "",
-             f"Recipe `recipes/federated.yaml` with the budget below (the recipe as shipped: 8 rounds x 3 steps of "
-             "batch 8, lr 1e-3, 40 global held-out records): embedded "
-             f"SmolLM2-135M-Instruct, LoRA r={adapter.get('r')} on {modules}, lr {train['lr']} constant, "
+             f"Recipe `recipes/federated.yaml` with this budget: embedded "
+             f"SmolLM2-135M-Instruct, LoRA r={adapter.get('r')} on {modules}, lr {train['lr']} "
+             f"{train.get('scheduler')} (warmup {train.get('warmup')}"
+             f"{'' if train.get('scheduler') == 'constant' else '; the schedule runs over the whole federation'}), "
              f"{fed['clients']} clients (one per shop, `split: field:shop`), {fed['rounds']} rounds x "
              f"{fed['local_steps']} local steps of batch {train['batch_size']}, {fed['aggregation']}; global held-out: "
              f"{fed['split']['global_held_out']} records (the first of each kind in data/federated/eval.jsonl, every "
@@ -88,19 +89,22 @@ def markdown(summary: dict, environment: dict, recipe: dict, command: str, secon
     for c in fed["split"]["clients"]:
         mix = ", ".join(f"{k} {v}" for k, v in sorted(kinds.get(c["name"], {}).items(), key=lambda kv: -kv[1]))
         lines.append(f"| {c['name']} | {c['train']} | {c['held_out']} | {mix} |")
-    lines += ["", f"## Global held-out {metric} (%)", "", "| model | budget (optimizer steps of 8) | "
-              f"{metric} | held-out loss |", "| --- | ---: | ---: | ---: |"]
+    held = fed["split"]["global_held_out"]
+    lines += ["", f"## Global held-out {metric} (%)", "", f"95% intervals: Wilson, over the {held} global held-out records.",
+              "", f"| model | budget (optimizer steps of 8) | {metric} | 95% interval | held-out loss |",
+              "| --- | ---: | ---: | ---: | ---: |"]
     base = fed["rounds_history"][0]["global"] or {}
     last = fed["rounds_history"][-1]["global"] or {}
-    lines.append(f"| base model | 0 | {_f(comparison['base'])} | {_f(base.get('eval_loss'), 4)} |")
+    lines.append(f"| base model | 0 | {_f(comparison['base'])} | {_ci(comparison['base'], held)} | "
+                 f"{_f(base.get('eval_loss'), 4)} |")
     lines.append(f"| **federated** (global adapter) | {summary['steps']} (all clients) | **{_f(comparison['federated'])}** "
-                 f"| {_f(last.get('eval_loss'), 4)} |")
+                 f"| {_ci(comparison['federated'], held)} | {_f(last.get('eval_loss'), 4)} |")
     central = (fed["baselines"].get("central") or {})
     lines.append(f"| central, pooled records | {central.get('steps', '-')} | {_f(comparison['central'])} | "
-                 f"{_f((central.get('global') or {}).get('eval_loss'), 4)} |")
+                 f"{_ci(comparison['central'], held)} | {_f((central.get('global') or {}).get('eval_loss'), 4)} |")
     for key, entry in (fed["baselines"].get("local") or {}).items():
-        lines.append(f"| {entry.get('name', key)} alone | {entry.get('steps')} | "
-                     f"{_f((entry.get('global') or {}).get('metrics', {}).get(metric))} | "
+        score = (entry.get("global") or {}).get("metrics", {}).get(metric)
+        lines.append(f"| {entry.get('name', key)} alone | {entry.get('steps')} | {_f(score)} | {_ci(score, held)} | "
                      f"{_f((entry.get('global') or {}).get('eval_loss'), 4)} |")
     lines += ["", "## Rounds", "", f"| round | global {metric} | client min | client max | client std | seconds |",
               "| ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -126,6 +130,16 @@ def kinds_by_shop() -> dict:
         counts.setdefault(row["shop"], {}).setdefault(row["kind"], 0)
         counts[row["shop"]][row["kind"]] += 1
     return counts
+
+
+def _ci(score, n: int) -> str:
+    """The Wilson interval of a percentage of n records (exact match: each record is right or wrong)."""
+    from tuneforge.evaluate.intervals import wilson
+
+    if score is None or not n:
+        return "-"
+    low, high = wilson(round(score * n / 100), n)
+    return f"{100 * low:.1f}-{100 * high:.1f}"
 
 
 def _f(value, digits: int = 1, sign: bool = False) -> str:
