@@ -15,7 +15,10 @@ Fairness rules (issue #21):
   1. Sweep. Each contender's micro-batch x accumulation (16x1, 8x2, 4x4, 2x8) and gradient checkpointing (off/on)
      are swept in short runs: per checkpointing setting, the largest micro-batch that fits in memory (a larger
      micro-batch with the same recomputation is never slower); the faster of those wins. tuneforge's candidates are
-     its defaults (its planner picks the layout and checkpointing) and `speed.layout: speed`.
+     its defaults (its planner picks the layout and checkpointing), `speed.layout: speed`, and `speed.layout: speed`
+     with `train.gradient_checkpointing: false` (checkpointing off, as the peers' sweeps try).
+     One case may be measured over several calls (a device call is limited in time): --sweep-only, then
+     --sweep-from with --repeats / --first-repeat, joined by --merge.
   2. Each peer in its own process on the versions it pins: Unsloth from its own --unsloth-path (its pinned TRL,
      datasets < 5 and the machine's transformers <= 5.17), the others from PYTHONPATH. The driver never touches the
      GPU (models are built and the matmul peak is measured in child processes), so every contender starts on a
