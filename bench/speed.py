@@ -15,8 +15,9 @@ Fairness rules (issue #21):
   1. Sweep. Each contender's micro-batch x accumulation (16x1, 8x2, 4x4, 2x8) and gradient checkpointing (off/on)
      are swept in short runs: per checkpointing setting, the largest micro-batch that fits in memory (a larger
      micro-batch with the same recomputation is never slower); the faster of those wins. tuneforge's candidates are
-     its defaults (its planner picks the layout and checkpointing), `speed.layout: speed`, and `speed.layout: speed`
-     with `train.gradient_checkpointing: false` (checkpointing off, as the peers' sweeps try).
+     its defaults (its planner picks the layout and checkpointing), `speed.layout: speed`, `speed.layout: speed`
+     with `train.gradient_checkpointing: false` (checkpointing off, as the peers' sweeps try), and `speed.layout:
+     speed` with `speed.max_micro_batch_tokens: 8192`.
      One case may be measured over several calls (a device call is limited in time): --sweep-only, then
      --sweep-from with --repeats / --first-repeat, joined by --merge.
   2. Each peer in its own process on the versions it pins: Unsloth from its own --unsloth-path (its pinned TRL,
@@ -74,7 +75,9 @@ OPTIONAL = ["trl_plain", "trl_best_varlen"]
 # tuneforge's sweep: its defaults, the speed layout, and the speed layout without gradient checkpointing (the other
 # contenders' sweep tries checkpointing off too); "gradient_checkpointing" goes to the recipe's train: section
 TUNEFORGE_CANDIDATES = {"defaults": {}, "layout_speed": {"layout": "speed"},
-                        "no_checkpointing": {"layout": "speed", "gradient_checkpointing": False}}
+                        "no_checkpointing": {"layout": "speed", "gradient_checkpointing": False},
+                        # the speed layout planned for micro-batches of at most 8,192 tokens (longer ones split)
+                        "capped_8k": {"layout": "speed", "max_micro_batch_tokens": 8192}}
 
 
 def lr_for(adapter: str) -> float:

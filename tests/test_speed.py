@@ -340,3 +340,64 @@ def test_flop_count_taken_once_is_the_same_count(tiny_model_dir):
     before = trainer.floating_point_ops(inputs)
     reduce_trainer_overhead(trainer)
     assert trainer.floating_point_ops(inputs) == before > 0
+
+
+def test_split_spans_keep_whole_examples():
+    from tuneforge.speed.split import spans
+
+    positions = [0, 1, 2, 0, 1, 0, 1, 2, 3, 0]  # examples of 3, 2, 4 and 1 tokens
+    assert spans(positions, 5) == [(0, 5), (5, 10)]
+    assert spans(positions, 4) == [(0, 3), (3, 5), (5, 9), (9, 10)]
+    assert spans(positions, 100) == [(0, 10)]
+    assert spans(list(range(8)), 3) == [(0, 8)]  # one example longer than the cap stays whole
+
+
+def test_split_micro_batches_give_the_unsplit_step(tmp_path, tiny_model_dir, small_sft_file, monkeypatch):
+    """speed.max_micro_batch_tokens: micro-batches longer than the cap trained as parts inside the step give the same
+    per-step losses and gradient norms (full fine-tuning and LoRA), and the split really happened."""
+    from tuneforge.speed import split
+
+    counted: list[int] = []
+    split_inputs = split.split_inputs
+
+    def counting(inputs, cap):
+        parts = split_inputs(inputs, cap)
+        counted.append(len(parts) if parts else 1)
+        return parts
+
+    monkeypatch.setattr(split, "split_inputs", counting)
+    for adapter in ({"type": "full"}, {"type": "lora"}):
+        tag = adapter["type"]
+        _, whole = run_steps(tmp_path, tiny_model_dir, small_sft_file, f"whole-{tag}", adapter=adapter,
+                             speed={"padding_free": True, "attention": "sdpa"})
+        counted.clear()
+        _, parts = run_steps(tmp_path, tiny_model_dir, small_sft_file, f"split-{tag}", adapter=adapter,
+                             speed={"padding_free": True, "attention": "sdpa", "max_micro_batch_tokens": 24})
+        assert max(counted) >= 2
+        assert_same_steps(whole, parts)
+
+
+def test_split_cap_bounds_the_planned_micro_batch_and_refuses_what_it_cannot_honour():
+    from tuneforge.errors import RecipeError
+    from tuneforge.guide.plan import reference_config
+    from tuneforge.speed import largest_micro_batch, resolve
+
+    lengths = [2000] * 20 + [300] * 980
+    capped = _recipe(train={"batch_size": 16, "max_length": 2048},
+                     speed={"padding_free": True, "max_micro_batch_tokens": 8192})
+    assert largest_micro_batch(capped, lengths) == (1, 8192)
+    plain = _recipe(train={"batch_size": 16, "max_length": 2048}, speed={"padding_free": True})
+    assert largest_micro_batch(plain, lengths) == (1, 32000)
+    # with the cap the speed layout recomputes fewer layers of an 8B model on an 80 GB GPU than without it
+    fast = _recipe(train={"batch_size": 16, "max_length": 2048},
+                   speed={"layout": "speed", "max_micro_batch_tokens": 8192})
+    resolve(fast, "cuda", reference_config("llama-8b"), gpu_memory_gib=80.0, lengths=lengths)
+    slow = _recipe(train={"batch_size": 16, "max_length": 2048}, speed={"layout": "speed"})
+    resolve(slow, "cuda", reference_config("llama-8b"), gpu_memory_gib=80.0, lengths=lengths)
+    assert (fast.train.gradient_checkpointing, fast.speed.checkpoint_every) != (
+        slow.train.gradient_checkpointing, slow.speed.checkpoint_every)
+    for speed, words in (({"padding_free": False, "max_micro_batch_tokens": 512}, "padding-free"),):
+        with pytest.raises(RecipeError, match=words):
+            resolve(_recipe(speed=speed), "cpu")
+    with pytest.raises(RecipeError, match="kl_to_base"):
+        resolve(_recipe(train={"kl_to_base": 0.1}, speed={"max_micro_batch_tokens": 512}), "cpu")

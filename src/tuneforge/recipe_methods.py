@@ -187,6 +187,10 @@ class SpeedSection(_Section):
         "is auto (lower it to leave room for other processes).")
     checkpoint_every: int = Field(1, ge=1, description="With gradient checkpointing: checkpoint every n-th decoder layer "
                                   "(set by gradient_checkpointing: auto; 1 = every layer).")
+    max_micro_batch_tokens: int | None = Field(
+        None, ge=1, description="sft/cpt with padding-free batches, one process: a micro-batch with more real tokens "
+        "than this is trained as several (whole examples, same loss and gradient; speed/split.py), and the memory plan "
+        "sizes this many tokens instead of the data's longest possible micro-batch. None = off.")
 
 
 class DistributedSection(_Section):

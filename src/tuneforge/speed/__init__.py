@@ -68,6 +68,15 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
         s.padding_free = takes_padding_free and not recipe.train.packing
         reasons["padding_free"] = "the method takes it, no packing" if s.padding_free else (
             f"not used by {recipe.method}/packing")
+    if s.max_micro_batch_tokens is not None:
+        from tuneforge.mitigations import wanted as regularized
+        from tuneforge.errors import RecipeError
+
+        why = ("it splits sft/cpt micro-batches only" if recipe.method not in ("sft", "cpt") else
+               "it splits padding-free micro-batches only (speed.padding_free is off here)" if s.padding_free is not True
+               else "train.kl_to_base / train.ewc add their term to every micro-batch" if regularized(recipe) else None)
+        if why:
+            raise RecipeError([f"`speed.max_micro_batch_tokens`: {why}; remove the key"])
     model_type = getattr(model_config, "model_type", None)
     if s.liger == "auto":
         s.liger = cuda and liger_available() and model_type in LIGER_MODEL_TYPES and recipe.adapter.type != "qlora"
@@ -146,7 +155,8 @@ def largest_micro_batch(recipe, lengths: list[int] | None, batch_size: int | Non
         return batch_size, t.max_length
     longest = sorted(lengths, reverse=True)[:batch_size]
     if recipe.speed.padding_free is True and not t.packing:
-        return 1, sum(longest)
+        cap = recipe.speed.max_micro_batch_tokens  # a longer micro-batch is split (speed/split.py)
+        return 1, sum(longest) if cap is None else min(sum(longest), max(cap, longest[0]))
     return batch_size, (t.max_length if t.packing else longest[0])
 
 
@@ -266,6 +276,10 @@ def prepare_model(model, recipe) -> dict:
 def prepare_trainer(trainer, recipe) -> None:
     """Levers that act on the built Trainer."""
     reduce_trainer_overhead(trainer)
+    if recipe.speed.max_micro_batch_tokens is not None:
+        from tuneforge.speed import split
+
+        split.install(trainer, recipe.speed.max_micro_batch_tokens)
     if recipe.speed.offload_checkpoints is True and recipe.train.gradient_checkpointing is True:
         from tuneforge.speed import offload
 
