@@ -17,7 +17,8 @@ Fairness rules (issue #21):
      micro-batch with the same recomputation is never slower); the faster of those wins. tuneforge's candidates are
      its defaults (its planner picks the layout and checkpointing), `speed.layout: speed`, `speed.layout: speed`
      with `train.gradient_checkpointing: false` (checkpointing off, as the peers' sweeps try), and `speed.layout:
-     speed` with `speed.max_micro_batch_tokens: 8192`.
+     speed` with `speed.max_micro_batch_tokens: 8192`, and (LoRA) no checkpointing with
+     `speed.recompute_lora_dropout: true`.
      One case may be measured over several calls (a device call is limited in time): --sweep-only, then
      --sweep-from with --repeats / --first-repeat, joined by --merge.
   2. Each peer in its own process on the versions it pins: Unsloth from its own --unsloth-path (its pinned TRL,
@@ -77,7 +78,10 @@ OPTIONAL = ["trl_plain", "trl_best_varlen"]
 TUNEFORGE_CANDIDATES = {"defaults": {}, "layout_speed": {"layout": "speed"},
                         "no_checkpointing": {"layout": "speed", "gradient_checkpointing": False},
                         # the speed layout planned for micro-batches of at most 8,192 tokens (longer ones split)
-                        "capped_8k": {"layout": "speed", "max_micro_batch_tokens": 8192}}
+                        "capped_8k": {"layout": "speed", "max_micro_batch_tokens": 8192},
+                        # LoRA only: no checkpointing, LoRA's dropout drawn again in the backward instead of kept
+                        "no_checkpointing_recompute_dropout": {"layout": "speed", "gradient_checkpointing": False,
+                                                               "recompute_lora_dropout": True}}
 
 
 def lr_for(adapter: str) -> float:
@@ -468,11 +472,12 @@ def run_one(contender: str, case: str, args, folder: Path, data: Path, eval_data
     return json.loads((workdir / "result.json").read_text())
 
 
-def candidates(contender: str) -> list[dict]:
+def candidates(contender: str, adapter: str = "lora") -> list[dict]:
     """What the sweep tries for a contender: per checkpointing setting, the micro-batches largest first."""
     if contender == "tuneforge":
         return [{"tag": name, "speed": speed, "layouts": None, "checkpointing": None}
-                for name, speed in TUNEFORGE_CANDIDATES.items()]
+                for name, speed in TUNEFORGE_CANDIDATES.items()
+                if adapter == "lora" or not speed.get("recompute_lora_dropout")]
     return [{"tag": f"ckpt-{'on' if ckpt else 'off'}", "speed": None, "layouts": LAYOUTS, "checkpointing": ckpt}
             for ckpt in (False, True)]
 
@@ -480,7 +485,7 @@ def candidates(contender: str) -> list[dict]:
 def sweep(contender: str, case: str, args, folder, data, eval_data, summary) -> dict:
     """Short runs of each candidate; the fastest that fits is the contender's setting for the measured repeats."""
     tried = {}
-    for cand in candidates(contender):
+    for cand in candidates(contender, CASES[case][1]):
         raw = run_one(contender, case, args, folder, data, eval_data, "sweep-" + cand["tag"], layouts=cand["layouts"],
                       checkpointing=cand["checkpointing"], speed=cand["speed"], steps=args.sweep_warmup + args.sweep_steps)
         tried[cand["tag"]] = raw if "error" in raw else summary(raw, args.sweep_warmup)
@@ -492,7 +497,7 @@ def sweep(contender: str, case: str, args, folder, data, eval_data, summary) -> 
     # chosen by the median step rate: a sweep run is short, and a one-off stall in it (a Triton kernel compiled for a
     # new shape) would decide the choice if total throughput did
     tag = max(fits, key=lambda t: fits[t]["tokens_per_s_median_step"])
-    cand = next(c for c in candidates(contender) if c["tag"] == tag)
+    cand = next(c for c in candidates(contender, CASES[case][1]) if c["tag"] == tag)
     layout = fits[tag]["layout"]
     return {"tried": tried, "best": {**cand, "layouts": [layout] if cand["layouts"] else None, "layout": layout}}
 

@@ -401,3 +401,89 @@ def test_split_cap_bounds_the_planned_micro_batch_and_refuses_what_it_cannot_hon
             resolve(_recipe(speed=speed), "cpu")
     with pytest.raises(RecipeError, match="kl_to_base"):
         resolve(_recipe(train={"kl_to_base": 0.1}, speed={"max_micro_batch_tokens": 512}), "cpu")
+
+
+def test_recomputed_lora_dropout_is_the_dropout_it_replaces():
+    """speed/lora_dropout.py: lora_A(dropout(x)) keeping only x and the generator state gives the values and
+    gradients of the same mask applied the usual way, and leaves the generator where plain dropout leaves it."""
+    import torch
+    import torch.nn.functional as F
+
+    from tuneforge.speed.lora_dropout import dropout_lora_a
+
+    x0, w0, probe = torch.randn(3, 7, 16), torch.randn(4, 16), torch.randn(3, 7, 4)
+
+    def run(fused: bool):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        torch.manual_seed(11)
+        if fused:
+            h = dropout_lora_a(x, w, 0.3)
+        else:
+            h = F.linear(x * torch.empty_like(x).bernoulli_(0.7) / 0.7, w)
+        (h * probe).sum().backward()
+        return h.detach(), x.grad, w.grad, torch.rand(1)  # the generator's next draw
+
+    for ref, got in zip(run(False), run(True)):
+        assert torch.allclose(ref, got, rtol=1e-6, atol=1e-6)
+
+
+def test_recomputed_lora_dropout_trains_as_peft_and_keeps_less(tiny_model_dir):
+    """speed.recompute_lora_dropout inside the fused LoRA forward: with dropout 0.1 a step gives PEFT's logits and
+    adapter gradients (CPU: the same masks), and autograd keeps fewer bytes for the backward."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.speed import fused_lora
+
+    def lora_model(recompute=None):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False)
+        model = get_peft_model(base, config)
+        if recompute is not None:
+            fused_lora.install(model, recompute_dropout=recompute)
+        return model.train()
+
+    ids = torch.randint(5, 100, (2, 12))
+
+    def step(model):
+        """-> logits, adapter gradients, bytes of the decoder layers' activations autograd keeps (distinct storages;
+        no weights, nothing vocabulary-wide: the logits would hide the layers in a tiny model)"""
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        vocab = model.config.vocab_size
+        kept = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights and (tensor.dim() == 0 or tensor.shape[-1] != vocab):
+                kept[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        model.zero_grad()
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), grads, sum(kept.values())
+
+    plain_logits, plain_grads, _ = step(lora_model())
+    _, _, kept_fused = step(lora_model(recompute=False))
+    logits, grads, kept_recomputed = step(lora_model(recompute=True))
+    assert torch.allclose(plain_logits, logits, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == grads.keys() and len(grads) == 28
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grad, grads[name], rtol=1e-4, atol=1e-6), name
+    assert kept_recomputed < 0.75 * kept_fused, (kept_recomputed, kept_fused)
+
+
+def test_recompute_lora_dropout_needs_the_fused_forward():
+    from tuneforge.errors import RecipeError
+    from tuneforge.speed import resolve
+
+    with pytest.raises(RecipeError, match="fused LoRA forward"):
+        resolve(_recipe(adapter={"type": "lora"}, speed={"fused_lora": False, "recompute_lora_dropout": True}), "cpu")
+    ok = _recipe(adapter={"type": "lora"}, speed={"recompute_lora_dropout": True})
+    resolve(ok, "cpu")
+    assert ok.speed.fused_lora is True

@@ -187,6 +187,11 @@ class SpeedSection(_Section):
         "is auto (lower it to leave room for other processes).")
     checkpoint_every: int = Field(1, ge=1, description="With gradient checkpointing: checkpoint every n-th decoder layer "
                                   "(set by gradient_checkpointing: auto; 1 = every layer).")
+    recompute_lora_dropout: bool = Field(
+        False, description="With speed.fused_lora: LoRA's input dropout and A matmul as one function that keeps the "
+        "input and the random-number state, and draws the same mask again in the backward, instead of keeping a "
+        "dropped-out copy of the input and its mask per adapted projection (speed/lora_dropout.py; less activation "
+        "memory without checkpointing).")
     max_micro_batch_tokens: int | None = Field(
         None, ge=1, description="sft/cpt with padding-free batches, one process: a micro-batch with more real tokens "
         "than this is trained as several (whole examples, same loss and gradient; speed/split.py), and the memory plan "

@@ -22,6 +22,8 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
   fused_lora       plain LoRA layers add scaling * (A x) B^T to the base output inside one addmm (speed/fused_lora.py)
                    instead of a multiply and an add over the whole output, and under autocast skip PEFT's fp32 copy
                    of the input; PEFT's forward for everything else.
+  recompute_lora_dropout  (off) LoRA's input dropout drawn again in the backward, not kept (speed/lora_dropout.py)
+  max_micro_batch_tokens  (off) longer padding-free micro-batches trained as several (speed/split.py)
   trainer overhead the Trainer counts FLOPs by walking every parameter each micro-batch; counted once here.
   attention        auto = flash_attention_2 where flash-attn is installed on CUDA; else, for padding-free batches on
                    CUDA, varlen (speed/varlen.py: PyTorch's varlen flash kernel, example boundaries from the position
@@ -88,6 +90,11 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
     if s.fused_lora == "auto":
         s.fused_lora = recipe.adapter.type == "lora" and not recipe.adapter.use_dora
         reasons["fused_lora"] = "plain LoRA" if s.fused_lora else "only for plain LoRA (not QLoRA, DoRA, full)"
+    if s.recompute_lora_dropout and s.fused_lora is not True:
+        from tuneforge.errors import RecipeError
+
+        raise RecipeError(["`speed.recompute_lora_dropout`: it works inside the fused LoRA forward, which is off here "
+                           "(speed.fused_lora, plain LoRA only); remove the key or turn speed.fused_lora on"])
     if s.attention == "auto":
         from tuneforge.speed import varlen
 
@@ -269,7 +276,7 @@ def prepare_model(model, recipe) -> dict:
     if recipe.speed.fused_lora is True:
         from tuneforge.speed import fused_lora
 
-        done["fused_lora_layers"] = fused_lora.install(model)
+        done["fused_lora_layers"] = fused_lora.install(model, recompute_dropout=recipe.speed.recompute_lora_dropout)
     return done
 
 

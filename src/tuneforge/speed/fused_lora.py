@@ -45,16 +45,24 @@ def _forward(self, x, *args, **kwargs):
         kwargs.pop(key, None)
     result = self.base_layer(x, *args, **kwargs)
     name = self.active_adapters[0]
-    h = self.lora_A[name](self.lora_dropout[name](x))
+    dropout, lora_a = self.lora_dropout[name], self.lora_A[name]
+    if (getattr(self, "_tuneforge_recompute_dropout", False) and isinstance(dropout, torch.nn.Dropout)
+            and dropout.training and dropout.p > 0 and lora_a.bias is None):
+        from tuneforge.speed.lora_dropout import dropout_lora_a
+
+        h = dropout_lora_a(x, lora_a.weight, dropout.p)  # keeps x, not the dropped-out copy (speed/lora_dropout.py)
+    else:
+        h = lora_a(dropout(x))
     weight = self.lora_B[name].weight  # [out, r]
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t(),
                       alpha=self.scaling[name])
     return out.view(result.shape).to(result.dtype)
 
 
-def install(model) -> int:
+def install(model, recompute_dropout: bool = False) -> int:
     """Give every LoRA Linear layer of `model` the fused forward (falls back to PEFT's per call); idempotent.
-    Returns the number of layers."""
+    recompute_dropout: the adapter's input dropout drawn again in the backward instead of kept (speed.
+    recompute_lora_dropout). Returns the number of layers."""
     from peft.tuners.lora import Linear as LoraLinear
 
     count = 0
@@ -64,5 +72,6 @@ def install(model) -> int:
         if not hasattr(module, "_tuneforge_peft_forward"):
             module._tuneforge_peft_forward = module.forward
             module.forward = types.MethodType(_forward, module)
+        module._tuneforge_recompute_dropout = recompute_dropout
         count += 1
     return count
