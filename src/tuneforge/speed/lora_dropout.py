@@ -4,10 +4,11 @@ input and the random-number state for the backward, and draws the same mask agai
 Why this exists: PEFT computes lora_A(dropout(x)) per adapted projection. Autograd then keeps, for each of the seven
 projections of a decoder layer, the dropped-out copy of the input (16 bits per element, for A's gradient) and the
 mask -- q, k and v each their own copy of the same x, and the MLP's down projection one of its 14,336-wide input.
-For Llama 8B that is on the order of 2 MB per token for all layers, more than half of what a LoRA step without
-checkpointing keeps (estimate from the layer shapes; the H200 bench measured 83.6 GiB for tuneforge without
-checkpointing against Unsloth's 64.6). Here the saved tensors are the input itself (shared by q, k and v, and by gate
-and up) and a few bytes of generator state.
+For Llama 8B that is ~117 KB per token per layer (3.7 MB per token over 32 layers); keeping the inputs instead
+(one for q, k and v, one for gate and up, the attention output, the down projection's input) is ~52 KB: about 2 MB
+per token less, roughly a third of what a LoRA step without checkpointing keeps (estimates from the layer shapes; the
+H200 bench measured 83.6 GiB for tuneforge without checkpointing against Unsloth's 64.6). Besides the inputs, only a
+few bytes of generator state are kept.
 
 The mask is drawn as torch's CPU dropout draws it (bernoulli_ on a tensor shaped and typed like the input), so on CPU
 the step is PEFT's to rounding (tests/test_speed.py); on CUDA the mask is equally distributed but not the same bits as
