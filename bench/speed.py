@@ -88,6 +88,15 @@ def lr_for(adapter: str) -> float:
     return 2e-5 if adapter == "full" else 2e-4
 
 
+def same_job(device: str) -> dict:
+    """The optimizer settings every TRL-based contender passes explicitly, as tuneforge's worker runs them (train:
+    warmup 0, weight_decay 0, max_grad_norm 1, AdamW fused on CUDA). Explicit because importing Unsloth swaps TRL's
+    SFTConfig for one with other defaults (unsloth/models/rl.py: warmup_steps 0.1 -- 10% of the steps, so its first
+    step ran at lr 0 --, optim adamw_8bit, weight_decay 0.001): until 2026-12-07 its curves were a different job."""
+    return {"warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+            "optim": "adamw_torch_fused" if device == "cuda" else "adamw_torch"}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Models and data
 
@@ -169,7 +178,7 @@ class StepTimer:
     consecutive metrics.jsonl rows)."""
 
     def __init__(self):
-        self.times, self.tokens, self.losses, self._start, self._tokens = [], [], [], None, 0
+        self.times, self.tokens, self.losses, self.lrs, self._start, self._tokens = [], [], [], [], None, 0
 
     def make(self):
         from transformers import TrainerCallback
@@ -192,8 +201,15 @@ class StepTimer:
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
                     timer.losses.append(logs["loss"])
+                    timer.lrs.append(logs.get("learning_rate"))
 
         return Callback()
+
+
+def _job_args(args) -> dict:
+    """What the trainer was really given (the config class too: Unsloth replaces TRL's)."""
+    return {"config_class": type(args).__name__, **{k: getattr(args, k, None) for k in (
+        "learning_rate", "lr_scheduler_type", "warmup_steps", "optim", "weight_decay", "max_grad_norm")}}
 
 
 def _sync():
@@ -269,13 +285,14 @@ def trl_worker(spec: dict) -> dict:
                          lr_scheduler_type="linear", gradient_checkpointing=spec["checkpointing"],
                          logging_steps=1, report_to="none", save_strategy="no",
                          include_num_input_tokens_seen="non_padding", bf16=spec["device"] == "cuda",
-                         use_cpu=spec["device"] == "cpu", seed=42, dataloader_num_workers=0,
+                         use_cpu=spec["device"] == "cpu", seed=42, dataloader_num_workers=0, **same_job(spec["device"]),
                          # padding-free mode cannot truncate; the data is already shorter than max_length
                          **({"padding_free": True, "max_length": None, "use_liger_kernel": spec["device"] == "cuda"}
                             if best else {"max_length": spec["max_length"]}))
         SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
                    callbacks=[timer.make()]).train()
-        return {"times": timer.times, "tokens": timer.tokens, "losses": timer.losses,
+        return {"times": timer.times, "tokens": timer.tokens, "losses": timer.losses, "lrs": timer.lrs,
+                "args": _job_args(args),
                 "settings": {"gradient_checkpointing": spec["checkpointing"], "padding_free": best,
                              "liger": best and spec["device"] == "cuda",
                              "attention": model_kwargs.get("attn_implementation", "sdpa")}}
@@ -308,11 +325,12 @@ def unsloth_worker(spec: dict) -> dict:
                          gradient_accumulation_steps=accum, learning_rate=lr_for(spec["adapter"]),
                          lr_scheduler_type="linear", logging_steps=1, report_to="none", save_strategy="no",
                          max_length=None, include_num_input_tokens_seen="non_padding", bf16=True, seed=42,
-                         dataloader_num_workers=0, padding_free=True, gradient_checkpointing=False)
+                         dataloader_num_workers=0, padding_free=True, gradient_checkpointing=False,
+                         **same_job("cuda"))
         SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                    callbacks=[timer.make()]).train()
-        return {"times": timer.times, "tokens": timer.tokens, "losses": timer.losses,
-                "settings": {"gradient_checkpointing": checkpointing, "padding_free": True}}
+        return {"times": timer.times, "tokens": timer.tokens, "losses": timer.losses, "lrs": timer.lrs,
+                "args": _job_args(args), "settings": {"gradient_checkpointing": checkpointing, "padding_free": True}}
 
     return first_layout_that_fits(spec, attempt)
 
@@ -360,6 +378,10 @@ def tuneforge_worker(spec: dict) -> dict:
         previous_time, previous_tokens = r["time"], r["tokens_seen"]
     saved = __import__("yaml").safe_load((run.path / "recipe.yaml").read_text())
     return {"times": times, "tokens": tokens, "losses": [r["loss"] for r in steps],
+            "lrs": [r.get("learning_rate") for r in steps],
+            "args": {"config_class": "tuneforge recipe", "learning_rate": saved["train"]["lr"],
+                     **{k: saved["train"].get(k) for k in ("scheduler", "warmup", "optimizer", "weight_decay",
+                                                          "max_grad_norm")}},
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "layout": [saved["train"]["batch_size"], saved["train"]["grad_accum"]],
             "settings": {"gradient_checkpointing": saved["train"]["gradient_checkpointing"], **saved["speed"]}}
@@ -433,7 +455,8 @@ def summarise(result: dict, warmup: int, flops_per_token: float, peak_tflops: fl
            "real_tokens_per_step": round(sum(tokens) / len(tokens), 1), "peak_gib": result.get("peak_gib"),
            "layout": result.get("layout"), "did_not_fit": result.get("did_not_fit", []),
            "losses": [round(x, 4) for x in result["losses"]], "settings": result.get("settings"),
-           "wall_s": result.get("wall_s"), "versions": result.get("versions")}
+           "wall_s": result.get("wall_s"), "versions": result.get("versions"), "args": result.get("args"),
+           "lrs": result.get("lrs", [])[:4]}
     if peak_tflops:
         out["mfu_pct"] = round(100 * total * flops_per_token / (peak_tflops * 1e12), 1)
     return out
