@@ -18,18 +18,19 @@ the recomputed forward draws the same masks.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
+# imported only from the fused LoRA forward (speed/fused_lora.py), when the lever is on
+
 
 def _generator_state(device):
-    import torch
-
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 def _draw(x, p: float, state=None):
     """0/1 noise shaped and typed like x (the kept elements are 1), drawn from `state` if given (the generator's
     own state is left as it was)."""
-    import torch
-
     if state is None:
         return torch.empty_like(x).bernoulli_(1 - p)
     devices = [x.device] if x.device.type == "cuda" else []
@@ -41,50 +42,36 @@ def _draw(x, p: float, state=None):
         return torch.empty_like(x).bernoulli_(1 - p)
 
 
-def _function():
-    import torch
-    import torch.nn.functional as F
+class DropoutLoraA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, p, compute_dtype):
+        state = _generator_state(x.device)
+        dropped = (x * _draw(x, p)).mul_(1.0 / (1.0 - p))
+        with torch.autocast(x.device.type, enabled=False):
+            h = F.linear(dropped.to(compute_dtype), weight.to(compute_dtype))
+        ctx.save_for_backward(x, weight)
+        ctx.state, ctx.p, ctx.compute_dtype = state, p, compute_dtype
+        return h
 
-    class DropoutLoraA(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight, p, compute_dtype):
-            state = _generator_state(x.device)
-            dropped = (x * _draw(x, p)).mul_(1.0 / (1.0 - p))
-            with torch.autocast(x.device.type, enabled=False):
-                h = F.linear(dropped.to(compute_dtype), weight.to(compute_dtype))
-            ctx.save_for_backward(x, weight)
-            ctx.state, ctx.p, ctx.compute_dtype = state, p, compute_dtype
-            return h
-
-        @staticmethod
-        def backward(ctx, grad_h):
-            x, weight = ctx.saved_tensors
-            noise = _draw(x, ctx.p, ctx.state)
-            scale = 1.0 / (1.0 - ctx.p)
-            g = grad_h.to(ctx.compute_dtype)
-            grad_x = grad_w = None
-            with torch.autocast(x.device.type, enabled=False):
-                if ctx.needs_input_grad[1]:
-                    dropped = (x * noise).mul_(scale).to(ctx.compute_dtype)
-                    grad_w = (g.reshape(-1, g.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])).to(weight.dtype)
-                if ctx.needs_input_grad[0]:
-                    grad_x = (g @ weight.to(ctx.compute_dtype)).to(x.dtype).mul_(noise).mul_(scale)
-            return grad_x, grad_w, None, None
-
-    return DropoutLoraA
-
-
-_FUNCTION = None
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, weight = ctx.saved_tensors
+        noise = _draw(x, ctx.p, ctx.state)
+        scale = 1.0 / (1.0 - ctx.p)
+        g = grad_h.to(ctx.compute_dtype)
+        grad_x = grad_w = None
+        with torch.autocast(x.device.type, enabled=False):
+            if ctx.needs_input_grad[1]:
+                dropped = (x * noise).mul_(scale).to(ctx.compute_dtype)
+                grad_w = (g.reshape(-1, g.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])).to(weight.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ weight.to(ctx.compute_dtype)).to(x.dtype).mul_(noise).mul_(scale)
+        return grad_x, grad_w, None, None
 
 
 def dropout_lora_a(x, weight, p: float):
     """lora_A(dropout(x)) with weight [r, in], keeping only x and the generator state for the backward. Under autocast
     the matmul runs in autocast's dtype, as the nn.Linear it replaces would."""
-    import torch
-
-    global _FUNCTION
-    if _FUNCTION is None:
-        _FUNCTION = _function()
     kind = x.device.type
     compute_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-    return _FUNCTION.apply(x, weight, p, compute_dtype)
+    return DropoutLoraA.apply(x, weight, p, compute_dtype)
