@@ -225,11 +225,10 @@ def build_client_app(job: ClientJob):
     def train(msg, context):
         index, global_round, state, bench, (shard, train_tok, _held) = setup(msg, context)
         mu = msg.content["config"].get("proximal-mu")
-        rounds = int(msg.content["config"].get("rounds", global_round))
         result = bench.train(state, train_tok, steps=job.local_steps, epochs=job.local_epochs,
                              seed=job.seed + 1009 * global_round + index, proximal_mu=float(mu) if mu else None,
                              sink=_metrics_sink(job.metrics_path), tags={"round": global_round, "client": index},
-                             federation_round=(global_round, max(rounds, global_round)))
+                             federation_round=(global_round, int(msg.content["config"]["rounds"])))
         metrics = {"num-examples": len(train_tok), "client": index, "steps": result.steps}
         if result.train_loss is not None and math.isfinite(result.train_loss):
             metrics["train-loss"] = result.train_loss
