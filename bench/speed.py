@@ -495,12 +495,13 @@ def run_one(contender: str, case: str, args, folder: Path, data: Path, eval_data
     return json.loads((workdir / "result.json").read_text())
 
 
-def candidates(contender: str, adapter: str = "lora") -> list[dict]:
-    """What the sweep tries for a contender: per checkpointing setting, the micro-batches largest first."""
+def candidates(contender: str, adapter: str = "lora", only: list[str] | None = None) -> list[dict]:
+    """What the sweep tries for a contender: per checkpointing setting, the micro-batches largest first. `only`
+    narrows tuneforge's candidates (--tuneforge-candidates: a call's 10 minutes do not hold every one on big cases)."""
     if contender == "tuneforge":
         return [{"tag": name, "speed": speed, "layouts": None, "checkpointing": None}
                 for name, speed in TUNEFORGE_CANDIDATES.items()
-                if adapter == "lora" or not speed.get("recompute_lora_dropout")]
+                if (adapter == "lora" or not speed.get("recompute_lora_dropout")) and (not only or name in only)]
     return [{"tag": f"ckpt-{'on' if ckpt else 'off'}", "speed": None, "layouts": LAYOUTS, "checkpointing": ckpt}
             for ckpt in (False, True)]
 
@@ -508,7 +509,7 @@ def candidates(contender: str, adapter: str = "lora") -> list[dict]:
 def sweep(contender: str, case: str, args, folder, data, eval_data, summary) -> dict:
     """Short runs of each candidate; the fastest that fits is the contender's setting for the measured repeats."""
     tried = {}
-    for cand in candidates(contender, CASES[case][1]):
+    for cand in candidates(contender, CASES[case][1], args.tuneforge_candidates):
         raw = run_one(contender, case, args, folder, data, eval_data, "sweep-" + cand["tag"], layouts=cand["layouts"],
                       checkpointing=cand["checkpointing"], speed=cand["speed"], steps=args.sweep_warmup + args.sweep_steps)
         tried[cand["tag"]] = raw if "error" in raw else summary(raw, args.sweep_warmup)
@@ -520,7 +521,7 @@ def sweep(contender: str, case: str, args, folder, data, eval_data, summary) -> 
     # chosen by the median step rate: a sweep run is short, and a one-off stall in it (a Triton kernel compiled for a
     # new shape) would decide the choice if total throughput did
     tag = max(fits, key=lambda t: fits[t]["tokens_per_s_median_step"])
-    cand = next(c for c in candidates(contender, CASES[case][1]) if c["tag"] == tag)
+    cand = next(c for c in candidates(contender, CASES[case][1], args.tuneforge_candidates) if c["tag"] == tag)
     layout = fits[tag]["layout"]
     return {"tried": tried, "best": {**cand, "layouts": [layout] if cand["layouts"] else None, "layout": layout}}
 
@@ -545,6 +546,8 @@ def main() -> None:
     parser.add_argument("--unsloth-path", default=None, help="a pip --target folder with Unsloth and its pinned libs")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--tuneforge-candidates", type=lambda v: v.split(","), default=None,
+                        help=f"sweep only these of tuneforge's candidates ({', '.join(TUNEFORGE_CANDIDATES)})")
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep (its choices go to --out)")
     parser.add_argument("--sweep-from", default=None, help="a results JSON whose sweep choices to use (no new sweep)")
     parser.add_argument("--first-repeat", type=int, default=0, help="number the repeats from here (a later call's "
@@ -555,6 +558,10 @@ def main() -> None:
                         help="profile steps STEP+1.. of each contender (bench/step_profiler.py: PROFILE.txt in its "
                              "work folder); timings of profiled runs are not comparable")
     args = parser.parse_args()
+    unknown = set(args.tuneforge_candidates or []) - set(TUNEFORGE_CANDIDATES)
+    if unknown:
+        parser.error(f"--tuneforge-candidates: no candidate {', '.join(sorted(unknown))}; "
+                     f"choose from {', '.join(TUNEFORGE_CANDIDATES)}")
     if args.worker:
         return worker(args.worker)
     if args.table:

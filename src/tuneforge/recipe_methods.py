@@ -191,7 +191,8 @@ class SpeedSection(_Section):
         False, description="With speed.fused_lora: LoRA's input dropout and A matmul as one function that keeps the "
         "input and the random-number state, and draws the same mask again in the backward, instead of keeping a "
         "dropped-out copy of the input and its mask per adapted projection (speed/lora_dropout.py; less activation "
-        "memory without checkpointing).")
+        "memory without checkpointing, at a cost in speed: on an H100, Qwen2 1.5B LoRA, 0.76x the memory at 0.72x the "
+        "step rate).")
     max_micro_batch_tokens: int | None = Field(
         None, ge=1, description="sft/cpt with padding-free batches, one process: a micro-batch with more real tokens "
         "than this is trained as several (whole examples, same loss and gradient; speed/split.py), and the memory plan "
