@@ -5,7 +5,10 @@ contender's work folder:
   - wall time of the profiled steps (CUDA-synced) and the GPU's busy share: the sum of CUDA kernel time over the
     wall time (far below 100 % = the GPU waits for the host: Python, launches, syncs);
   - the torch operators by self CPU time and by CUDA time;
-  - the Python functions by own time and by cumulative time.
+  - the Python functions by own time and by cumulative time;
+  - the host syncs of the two steps after those (CUDA only: torch.cuda.set_sync_debug_mode("warn")), counted by the
+    line of Python that asked for them -- a sync drains the launch queue, so the host's launch work is no longer
+    hidden behind the GPU's. Syncs raised inside the autograd engine's backward threads are not seen there.
 
 It hooks transformers.Trainer.__init__ to add a callback, so it works the same for tuneforge, TRL and Unsloth runs.
 """
@@ -13,10 +16,30 @@ It hooks transformers.Trainer.__init__ to add a callback, so it works the same f
 from __future__ import annotations
 
 import cProfile
+import collections
 import io
 import pstats
 import time
+import traceback
+import warnings
 from pathlib import Path
+
+_INTERNAL = ("/torch/", "/warnings.py", "step_profiler.py")
+
+
+def caller(stack: list[traceback.FrameSummary]) -> str:
+    """The innermost frame of a stack that is not torch's own or this module's ('file:line function'): where a
+    sync was asked for."""
+    for frame in reversed(stack):
+        if not any(part in frame.filename for part in _INTERNAL):
+            return f"{frame.filename}:{frame.lineno} {frame.name}"
+    return "?"
+
+
+def count_syncs(events: list[str], top: int = 25) -> list[str]:
+    """Report lines: the sync count by calling line, most first."""
+    counts = collections.Counter(events)
+    return [f"{n:5d}  {where}" for where, n in counts.most_common(top)]
 
 
 def install(out: Path, start: int = 4) -> None:
@@ -25,7 +48,7 @@ def install(out: Path, start: int = 4) -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    state = {"prof": None, "cprof": None, "t0": None, "lines": []}
+    state = {"prof": None, "cprof": None, "t0": None, "lines": [], "syncs": None, "saved": None}
 
     def sync():
         if torch.cuda.is_available():
@@ -78,6 +101,23 @@ def install(out: Path, start: int = 4) -> None:
                     state["lines"] += [f"# cProfile, steps {start + 3}-{start + 4} ({wall:.3f} s wall), by {order}",
                                        text.getvalue()]
                 state["cprof"] = None
+                write()
+                if torch.cuda.is_available():  # then two steps with every host sync located
+                    state["syncs"], state["saved"] = [], (warnings.showwarning, warnings.filters[:])
+                    warnings.simplefilter("always")
+
+                    def record(message, category, filename, lineno, file=None, line=None):
+                        if "synchroniz" in str(message):
+                            state["syncs"].append(caller(traceback.extract_stack()))
+
+                    warnings.showwarning = record
+                    torch.cuda.set_sync_debug_mode("warn")
+            elif step == start + 6 and state["syncs"] is not None:
+                torch.cuda.set_sync_debug_mode(0)
+                warnings.showwarning, warnings.filters[:] = state["saved"]
+                state["lines"] += [f"# host syncs, steps {start + 5}-{start + 6}: {len(state['syncs'])} "
+                                   "(by the line that asked for them)", *count_syncs(state["syncs"]), ""]
+                state["syncs"] = None
                 write()
 
     original = transformers.Trainer.__init__

@@ -510,3 +510,21 @@ def test_bench_sweep_candidates_can_be_narrowed_for_tuneforge_only():
     proc = subprocess.run([sys.executable, str(path), "--tuneforge-candidates", "layout_speed,nope", "--table", "x"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "no candidate nope" in proc.stderr
+
+
+def test_step_profiler_locates_host_syncs_by_the_line_that_asked():
+    """bench/step_profiler.py counts host syncs by the innermost frame outside torch and itself (CUDA-only at run
+    time; the attribution is plain Python)."""
+    import sys
+    import traceback
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import step_profiler
+
+    def asks_for_a_sync():
+        return step_profiler.caller(traceback.extract_stack())
+
+    where = asks_for_a_sync()
+    assert where.endswith("asks_for_a_sync") and "test_speed.py" in where
+    assert step_profiler.count_syncs(["a.py:1 f", "b.py:2 g", "a.py:1 f"]) == ["    2  a.py:1 f", "    1  b.py:2 g"]
