@@ -14,10 +14,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_quickstart_short_run_learns(tmp_path):
+    """The quickstart recipe through the CLI, CI-sized: 4 steps, 8 held-out records (the held-out loss is computed
+    over the whole eval file before and after training: the shipped 60 records took a quarter of the test), and
+    without the general-ability probe (536 items scored twice, a third of the test; the probe itself is tested on
+    the tiny model: test_training.py, test_forgetting.py)."""
     out = tmp_path / "qs"
+    eval_file = tmp_path / "eval.jsonl"
+    lines = (ROOT / "data" / "quickstart" / "eval.jsonl").read_text(encoding="utf-8").splitlines()[:8]
+    eval_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sizes = ["train.max_steps=4", "data.max_examples=80", f"data.eval={eval_file}", "eval.max_examples=8",
+             "eval.forgetting=false"]
     proc = subprocess.run(
         [sys.executable, "-m", "tuneforge", "train", str(ROOT / "recipes" / "quickstart.yaml"), "--output", str(out),
-         "--set", "train.max_steps=4", "--set", "data.max_examples=80", "--set", "eval.max_examples=8"],
+         *[arg for size in sizes for arg in ("--set", size)]],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,9 +43,17 @@ def test_quickstart_short_run_learns(tmp_path):
 def test_qlora_sft_then_dpo_recipe_on_the_embedded_model(tmp_path):
     """recipes/qlora-sft-dpo.yaml (seed 000 step 12) end to end on the embedded model, CI-sized: two QLoRA SFT steps,
     then two DPO steps continuing that adapter; both stages finish, the DPO stage starts from the SFT adapter and
-    reports held-out preference accuracy before and after."""
+    reports held-out preference accuracy before and after. Each stage's held-out set is cut to its first 8 records:
+    the trainer's held-out loss runs over the whole set before and after each stage, and on a CPU a 4-bit forward is
+    slow (with the shipped 60 + 60 records those four passes took 200 of the test's 300 s)."""
     out = tmp_path / "pref"
-    sizes = ["train.max_steps=2", "train.batch_size=4", "train.grad_accum=1", "data.max_examples=40",
+    small = {}
+    for name, source in (("sft", "quickstart"), ("dpo", "preference")):
+        lines = (ROOT / "data" / source / "eval.jsonl").read_text(encoding="utf-8").splitlines()[:8]
+        small[name] = tmp_path / f"{name}-eval.jsonl"
+        small[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sizes = [f"data.eval={small['sft']}", f"stages.1.data.eval={small['dpo']}",
+             "train.max_steps=2", "train.batch_size=4", "train.grad_accum=1", "data.max_examples=40",
              "eval.max_examples=4", "eval.max_new_tokens=8", "stages.1.train.max_steps=2", "stages.1.train.batch_size=2",
              "stages.1.train.grad_accum=1", "stages.1.eval.max_examples=4", "stages.1.eval.max_new_tokens=8",
              "preference.eval_pairs=8"]
