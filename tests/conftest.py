@@ -54,14 +54,16 @@ def small_sft_file(tmp_path_factory) -> Path:
 
 def tiny_recipe(model_dir, data_file, **sections) -> dict:
     """A recipe dict for a few fast steps on the tiny model; `sections` override whole keys, e.g.
-    adapter={"type": "full"} or train={"max_steps": 2}."""
+    adapter={"type": "full"} or train={"max_steps": 2}. The general probe is off (eval={"forgetting": True} for it)."""
     recipe = {
         "name": "tiny",
         "model": str(model_dir),
         "data": {"train": str(data_file), "eval_fraction": 0.2},
         "adapter": {"type": "lora"},
         "train": {"max_steps": 3, "batch_size": 4, "grad_accum": 1, "max_length": 128, "seed": 0, "warmup": 0},
-        "eval": {"max_examples": 4, "max_new_tokens": 8, "batch_size": 4},
+        # the general-ability probe (536 items before and after) is a third of a tiny run: tests that are about it
+        # ask for it (eval={"forgetting": True})
+        "eval": {"max_examples": 4, "max_new_tokens": 8, "batch_size": 4, "forgetting": False},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(recipe.get(key), dict):

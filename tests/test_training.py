@@ -20,7 +20,7 @@ def run_tiny(tmp_path, tiny_model_dir, small_sft_file, **sections):
 
 
 def test_lora_run_directory_and_trainable_count(tmp_path, tiny_model_dir, small_sft_file):
-    run, output = run_tiny(tmp_path, tiny_model_dir, small_sft_file)
+    run, output = run_tiny(tmp_path, tiny_model_dir, small_sft_file, eval={"forgetting": True})
     files = {p.name for p in run.path.iterdir()}
     assert {"recipe.yaml", "environment.json", "status.json", "metrics.jsonl", "data_stats.json", "adapter", "eval",
             "summary.json"} <= files
