@@ -12,6 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _first_records(source: str, path: Path, n: int = 8) -> Path:
+    """The first n records of data/<source>/eval.jsonl, written to path (a CI-sized held-out set)."""
+    lines = (ROOT / "data" / source / "eval.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.mark.slow
 def test_quickstart_short_run_learns(tmp_path):
     """The quickstart recipe through the CLI, CI-sized: 4 steps, 8 held-out records (the held-out loss is computed
@@ -19,9 +26,7 @@ def test_quickstart_short_run_learns(tmp_path):
     without the general-ability probe (536 items scored twice, a third of the test; the probe itself is tested on
     the tiny model: test_training.py, test_forgetting.py)."""
     out = tmp_path / "qs"
-    eval_file = tmp_path / "eval.jsonl"
-    lines = (ROOT / "data" / "quickstart" / "eval.jsonl").read_text(encoding="utf-8").splitlines()[:8]
-    eval_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    eval_file = _first_records("quickstart", tmp_path / "eval.jsonl")
     sizes = ["train.max_steps=4", "data.max_examples=80", f"data.eval={eval_file}", "eval.max_examples=8",
              "eval.forgetting=false"]
     proc = subprocess.run(
@@ -47,11 +52,8 @@ def test_qlora_sft_then_dpo_recipe_on_the_embedded_model(tmp_path):
     the trainer's held-out loss runs over the whole set before and after each stage, and on a CPU a 4-bit forward is
     slow (with the shipped 60 + 60 records those four passes took 200 of the test's 300 s)."""
     out = tmp_path / "pref"
-    small = {}
-    for name, source in (("sft", "quickstart"), ("dpo", "preference")):
-        lines = (ROOT / "data" / source / "eval.jsonl").read_text(encoding="utf-8").splitlines()[:8]
-        small[name] = tmp_path / f"{name}-eval.jsonl"
-        small[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    small = {"sft": _first_records("quickstart", tmp_path / "sft-eval.jsonl"),
+             "dpo": _first_records("preference", tmp_path / "dpo-eval.jsonl")}
     sizes = [f"data.eval={small['sft']}", f"stages.1.data.eval={small['dpo']}",
              "train.max_steps=2", "train.batch_size=4", "train.grad_accum=1", "data.max_examples=40",
              "eval.max_examples=4", "eval.max_new_tokens=8", "stages.1.train.max_steps=2", "stages.1.train.batch_size=2",

@@ -489,38 +489,42 @@ def test_recompute_lora_dropout_needs_the_fused_forward():
     assert ok.speed.fused_lora is True
 
 
+def _bench_module(name: str):
+    """bench/<name>.py loaded as a module (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_sweep_candidates_can_be_narrowed_for_tuneforge_only():
     """bench/speed.py --tuneforge-candidates narrows tuneforge's sweep (a call's 10 minutes do not hold every candidate
     on big cases); the peers' sweeps are never narrowed, and an unknown name is refused."""
-    import importlib.util
     import subprocess
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
-    spec = importlib.util.spec_from_file_location("bench_speed", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("speed")
     every = [c["tag"] for c in bench.candidates("tuneforge", "lora")]
     assert every == list(bench.TUNEFORGE_CANDIDATES)
     assert "no_checkpointing_recompute_dropout" not in [c["tag"] for c in bench.candidates("tuneforge", "full")]
     only = ["no_checkpointing", "layout_speed"]
     assert [c["tag"] for c in bench.candidates("tuneforge", "lora", only)] == ["layout_speed", "no_checkpointing"]
     assert [c["tag"] for c in bench.candidates("unsloth", "lora", only)] == ["ckpt-off", "ckpt-on"]
-    proc = subprocess.run([sys.executable, str(path), "--tuneforge-candidates", "layout_speed,nope", "--table", "x"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, bench.__file__, "--tuneforge-candidates", "layout_speed,nope",
+                           "--table", "x"], capture_output=True, text=True)
     assert proc.returncode == 2 and "no candidate nope" in proc.stderr
 
 
 def test_step_profiler_locates_host_syncs_by_the_line_that_asked():
     """bench/step_profiler.py counts host syncs by the innermost frame outside torch and itself (CUDA-only at run
     time; the attribution is plain Python)."""
-    import sys
     import traceback
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import step_profiler
+    step_profiler = _bench_module("step_profiler")
 
     def asks_for_a_sync():
         return step_profiler.caller(traceback.extract_stack())
