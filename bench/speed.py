@@ -70,6 +70,7 @@ CASES = {
     "llama-1b-lora-8k": ("llama-1b", "lora", LONG),  # the long-context case: examples up to 8,192 tokens
     "llama-1b-qlora": ("llama-1b", "qlora", SHORT),
     "tiny-lora": ("tiny", "lora", (60.0, 256)),  # CPU smoke test of this script
+    "tiny-full": ("tiny", "full", (60.0, 256)),  # CPU: where a full fine-tuning step would sync on a GPU (--profile)
 }
 CONTENDERS = ["tuneforge", "trl_best", "unsloth"]
 OPTIONAL = ["trl_plain", "trl_best_varlen"]

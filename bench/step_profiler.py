@@ -6,9 +6,12 @@ contender's work folder:
     wall time (far below 100 % = the GPU waits for the host: Python, launches, syncs);
   - the torch operators by self CPU time and by CUDA time;
   - the Python functions by own time and by cumulative time;
-  - the host syncs of the two steps after those (CUDA only: torch.cuda.set_sync_debug_mode("warn")), counted by the
+  - the host syncs of the two steps after those (CUDA: torch.cuda.set_sync_debug_mode("warn")), counted by the
     line of Python that asked for them -- a sync drains the launch queue, so the host's launch work is no longer
-    hidden behind the GPU's. Syncs raised inside the autograd engine's backward threads are not seen there.
+    hidden behind the GPU's. Syncs raised inside the autograd engine's backward threads are not seen there. On a CPU
+    (nothing syncs there) the same steps count the calls that would sync on a GPU -- a tensor's value read into
+    Python (.item(), bool(), int(), float(), .tolist()), a data-dependent shape (nonzero, masked_select, unique), a
+    copy to the host -- so the sources can be found and removed before a GPU call measures them.
 
 It hooks transformers.Trainer.__init__ to add a callback, so it works the same for tuneforge, TRL and Unsloth runs.
 """
@@ -25,6 +28,9 @@ import warnings
 from pathlib import Path
 
 _INTERNAL = ("/torch/", "/warnings.py", "step_profiler.py")
+# torch functions that read a device tensor's value or shape into the host (what syncs on CUDA)
+WOULD_SYNC = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "nonzero", "masked_select", "unique",
+              "unique_consecutive", "cpu", "numpy", "bincount", "equal", "allclose"}
 
 
 def caller(stack: list[traceback.FrameSummary]) -> str:
@@ -42,13 +48,26 @@ def count_syncs(events: list[str], top: int = 25) -> list[str]:
     return [f"{n:5d}  {where}" for where, n in counts.most_common(top)]
 
 
+def would_sync_mode(record):
+    """A TorchFunctionMode that calls record(caller) for every WOULD_SYNC call inside it (for CPU runs)."""
+    from torch.overrides import TorchFunctionMode
+
+    class WouldSync(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in WOULD_SYNC:
+                record(f"{caller(traceback.extract_stack())} [{func.__name__}]")
+            return func(*args, **(kwargs or {}))
+
+    return WouldSync()
+
+
 def install(out: Path, start: int = 4) -> None:
     import torch
     import transformers
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    state = {"prof": None, "cprof": None, "t0": None, "lines": [], "syncs": None, "saved": None}
+    state = {"prof": None, "cprof": None, "t0": None, "lines": [], "syncs": None, "saved": None, "mode": None}
 
     def sync():
         if torch.cuda.is_available():
@@ -112,10 +131,18 @@ def install(out: Path, start: int = 4) -> None:
 
                     warnings.showwarning = record
                     torch.cuda.set_sync_debug_mode("warn")
+                else:  # CPU: the calls that would sync on a GPU
+                    state["syncs"], state["mode"] = [], would_sync_mode(lambda where: state["syncs"].append(where))
+                    state["mode"].__enter__()
             elif step == start + 6 and state["syncs"] is not None:
-                torch.cuda.set_sync_debug_mode(0)
-                warnings.showwarning, warnings.filters[:] = state["saved"]
-                state["lines"] += [f"# host syncs, steps {start + 5}-{start + 6}: {len(state['syncs'])} "
+                if torch.cuda.is_available():
+                    torch.cuda.set_sync_debug_mode(0)
+                    warnings.showwarning, warnings.filters[:] = state["saved"]
+                    what = "host syncs"
+                else:
+                    state["mode"].__exit__(None, None, None)
+                    what = "calls that would sync on a GPU (CPU run)"
+                state["lines"] += [f"# {what}, steps {start + 5}-{start + 6}: {len(state['syncs'])} "
                                    "(by the line that asked for them)", *count_syncs(state["syncs"]), ""]
                 state["syncs"] = None
                 write()

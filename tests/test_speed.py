@@ -532,3 +532,22 @@ def test_step_profiler_locates_host_syncs_by_the_line_that_asked():
     where = asks_for_a_sync()
     assert where.endswith("asks_for_a_sync") and "test_speed.py" in where
     assert step_profiler.count_syncs(["a.py:1 f", "b.py:2 g", "a.py:1 f"]) == ["    2  a.py:1 f", "    1  b.py:2 g"]
+
+
+def test_step_profiler_counts_what_would_sync_on_a_gpu_in_a_cpu_run():
+    """On a CPU nothing syncs; the profiler counts the calls that would (a value or a data-dependent shape read into
+    Python), by the line that made them, and nothing else."""
+    import torch
+
+    step_profiler = _bench_module("step_profiler")
+    seen = []
+    x = torch.tensor([1.0, 0.0, 2.0])
+    with step_profiler.would_sync_mode(seen.append):
+        y = x * 2 + 1  # stays on the device: not counted
+        value = y[0].item()
+        if (y > 2).any():
+            pass
+        x.nonzero()
+    assert value == 3.0
+    assert [where.split(" [")[1] for where in seen] == ["item]", "__bool__]", "nonzero]"]
+    assert all("test_speed.py" in where for where in seen)
