@@ -15,7 +15,7 @@ import yaml
 from conftest import read_metrics, tiny_recipe, kill_job
 
 
-def _recipe_file(tmp_path, tiny_model_dir, small_sft_file, adapter_type, *, steps=60, save_every=5,
+def _recipe_file(tmp_path, tiny_model_dir, small_sft_file, adapter_type, *, steps=20, save_every=5,
                  optimizer="adamw_torch", **eval_keys):
     recipe = tiny_recipe(tiny_model_dir, small_sft_file, adapter={"type": adapter_type},
                          train={"max_steps": steps, "batch_size": 2, "save_every": save_every, "lr": 1e-3,
@@ -52,7 +52,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, sma
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = _losses(straight), _losses(killed)
-    assert sorted(a) == sorted(b) and max(a) == 60
+    assert sorted(a) == sorted(b) and max(a) == 20
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
 

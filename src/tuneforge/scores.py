@@ -251,6 +251,13 @@ def held_out_losses(ctx, model, key: str, *, resumed: bool = False) -> list | No
     return saved[key]
 
 
+def token_weighted_loss(losses: list) -> float | None:
+    """The held-out loss of [summed loss, loss tokens] rows: nats per loss-carrying token over the whole set (the
+    mean the interval of loss_delta is about; the Trainer's eval loss is a mean of per-batch means instead)."""
+    tokens = sum(n for _, n in losses)
+    return sum(s for s, _ in losses) / tokens if tokens else None
+
+
 def loss_delta(before: list | None, after: list | None) -> dict:
     """{"ci95": [low, high]} of the held-out loss delta (tuned - base, token-weighted, paired bootstrap), or {}."""
     if not before or not after or len(before) != len(after):

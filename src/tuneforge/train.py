@@ -241,6 +241,7 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
 
     from tuneforge.adapters import describe_trainable, trainable_parameters
     from tuneforge.scores import forgetting_summary, held_out_losses, loss_delta, probe_after_training
+    from tuneforge.scores import token_weighted_loss
     from tuneforge.scores import probe_before_training, scorer_for
 
     run, recipe, spec, console, tokenizer = ctx.run, ctx.recipe, ctx.spec, ctx.console, ctx.tokenizer
@@ -285,7 +286,11 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
         # Under FSDP2 accelerate must wrap the model together with the optimizer, which evaluate() before train()
         # would prevent; the base loss is then not measured (the tuned loss and the base generations still are).
         fsdp = getattr(trainer, "is_fsdp_enabled", False)
-        base_loss = trainer.evaluate()["eval_loss"] if measures_loss and not fsdp else None
+        if losses_before is not None:  # supervised: the per-example losses already give it (no second pass)
+            base_loss = token_weighted_loss(losses_before)
+            run.append_metrics({"step": 0, "epoch": 0, "time": 0.0, "eval_loss": base_loss})
+        else:
+            base_loss = trainer.evaluate()["eval_loss"] if measures_loss and not fsdp else None
         run.set_status("running", base_eval_loss=base_loss)
     else:
         base_loss = (run.read_json("status.json", {}) or {}).get("base_eval_loss")
@@ -308,7 +313,11 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
                           f"({plateau.metric} {plateau.best_value:.4f}), from {best.name}")
     scorer.trained(trainer)
     policy = save_weights(ctx, trainer, model)
-    tuned_loss = trainer.evaluate()["eval_loss"] if measures_loss else None
+    losses_after = held_out_losses(ctx, policy, "tuned")
+    if losses_after is not None:
+        tuned_loss = token_weighted_loss(losses_after)
+    else:
+        tuned_loss = trainer.evaluate()["eval_loss"] if measures_loss else None
     if tuned_loss is not None:
         run.append_metrics({"step": trainer.state.global_step, "eval_loss": tuned_loss, "final": True})
     if plateau is not None:
@@ -322,7 +331,7 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
         "trainable_params": trainable_params,
         "total_params": total_params,
         "eval_loss": {"base": base_loss, "tuned": tuned_loss,
-                      **loss_delta(losses_before, held_out_losses(ctx, policy, "tuned"))},
+                      **loss_delta(losses_before, losses_after)},
         "forgetting": forgetting_summary(forgetting),
         "skipped_nonfinite_steps": numerical.skipped,
         **({"distill": trainer.distill_summary} if hasattr(trainer, "distill_summary") else {}),

@@ -56,15 +56,14 @@ def mean_loss(model, examples, *, batch_size: int = 8, pad_token_id: int = 0, pr
             # Position t predicts token t+1: compare logits[:, :-1] with labels[:, 1:], only where a label counts.
             target = labels[:, 1:].to(logits.device)
             keep = target != IGNORE_INDEX
-            if keep.any():
-                picked = logits[:, :-1][keep].float()
-                total += torch.nn.functional.cross_entropy(picked, target[keep], reduction="sum").item()
-                count += int(keep.sum())
-            if per_example:
-                flat = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
-                                                         ignore_index=IGNORE_INDEX, reduction="none")
-                for row, index in enumerate(order[start : start + batch_size]):
-                    rows[index] = [float(flat[row].sum()), int(keep[row].sum())]
+            # one cross-entropy over the loss-carrying positions only (the rest of the logits are never converted)
+            picked = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
+            total += picked.sum().item()
+            count += int(keep.sum())
+            if per_example:  # each row's share of `picked` (boolean indexing keeps row-major order)
+                per_row = keep.sum(dim=1).tolist()
+                for row, (index, part) in enumerate(zip(order[start : start + batch_size], picked.split(per_row))):
+                    rows[index] = [float(part.sum()), per_row[row]]
             if task is not None:
                 progress.advance(task, len(batch))
     finally:
