@@ -70,7 +70,9 @@ CASES = {
     "llama-1b-lora-8k": ("llama-1b", "lora", LONG),  # the long-context case: examples up to 8,192 tokens
     "llama-1b-qlora": ("llama-1b", "qlora", SHORT),
     "tiny-lora": ("tiny", "lora", (60.0, 256)),  # CPU smoke test of this script
-    "tiny-full": ("tiny", "full", (60.0, 256)),  # CPU: where a full fine-tuning step would sync on a GPU (--profile)
+    "tiny-full": ("tiny", "full", (60.0, 256)),
+    "tiny-qlora": ("tiny", "qlora", (60.0, 256)),  # CPU smoke test of the QLoRA workers (bitsandbytes NF4 on CPU)
+    "tiny-lora-8k": ("tiny", "lora", LONG),  # CPU smoke test of the long-context case's data and candidates  # CPU: where a full fine-tuning step would sync on a GPU (--profile)
 }
 CONTENDERS = ["tuneforge", "trl_best", "unsloth"]
 OPTIONAL = ["trl_plain", "trl_best_varlen"]
@@ -352,7 +354,8 @@ def tuneforge_worker(spec: dict) -> dict:
         "adapter": {"type": spec["adapter"], **({} if spec["adapter"] == "full" else
                                                 {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
                                                  "target_modules": TARGETS})},
-        "train": {"max_steps": spec["steps"], "batch_size": EXAMPLES_PER_STEP, "grad_accum": 1,
+        # AdamW as every contender (same_job): QLoRA's recipe default is paged 8-bit AdamW; fused by speed's lever
+        "train": {"max_steps": spec["steps"], "batch_size": EXAMPLES_PER_STEP, "grad_accum": 1, "optimizer": "adamw_torch",
                   "lr": lr_for(spec["adapter"]), "scheduler": "linear", "warmup": 0,
                   "max_length": spec["max_length"], "report_to": []},
         "eval": {"baseline": False, "forgetting": False, "few_shot": 0, "max_examples": 1, "max_new_tokens": 4},
