@@ -134,6 +134,10 @@ def run_cli(monkeypatch, capsys, *args, with_stdout: bool = False) -> tuple[int,
     from tuneforge import cli
 
     monkeypatch.setenv("COLUMNS", "400")
+    # the CLI's consoles read COLUMNS once, when tuneforge.cli is first imported (maybe by an earlier test, narrower):
+    # wide for this call, so rich does not fold long temporary paths across lines
+    for console in (cli.console, cli.err_console):
+        monkeypatch.setattr(console, "_width", 400)
     monkeypatch.setattr(sys, "argv", ["tuneforge", *args])
     code = 0
     try:
