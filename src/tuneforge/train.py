@@ -241,8 +241,7 @@ def _train_in(ctx: RunContext, checkpoint=None) -> RunDir:
 
     from tuneforge.adapters import describe_trainable, trainable_parameters
     from tuneforge.scores import forgetting_summary, held_out_losses, loss_delta, probe_after_training
-    from tuneforge.scores import token_weighted_loss
-    from tuneforge.scores import probe_before_training, scorer_for
+    from tuneforge.scores import probe_before_training, scorer_for, token_weighted_loss
 
     run, recipe, spec, console, tokenizer = ctx.run, ctx.recipe, ctx.spec, ctx.console, ctx.tokenizer
     resumed = checkpoint is not None
