@@ -82,6 +82,10 @@ TUNEFORGE_CANDIDATES = {"defaults": {}, "layout_speed": {"layout": "speed"},
                         "no_checkpointing": {"layout": "speed", "gradient_checkpointing": False},
                         # the speed layout planned for micro-batches of at most 8,192 tokens (longer ones split)
                         "capped_8k": {"layout": "speed", "max_micro_batch_tokens": 8192},
+                        # the speed layout with speed.fewer_syncs off (the lever measured against itself) / with
+                        # torch.compile (speed.compile)
+                        "syncs_off": {"layout": "speed", "fewer_syncs": False},
+                        "compiled": {"layout": "speed", "compile": True},
                         # LoRA only: no checkpointing, LoRA's dropout drawn again in the backward instead of kept
                         "no_checkpointing_recompute_dropout": {"layout": "speed", "gradient_checkpointing": False,
                                                                "recompute_lora_dropout": True}}
@@ -499,13 +503,18 @@ def run_one(contender: str, case: str, args, folder: Path, data: Path, eval_data
     return json.loads((workdir / "result.json").read_text())
 
 
+# tried only when named in --tuneforge-candidates: a lever measured against itself, or a slow start
+OPT_IN = {"syncs_off", "compiled"}
+
+
 def candidates(contender: str, adapter: str = "lora", only: list[str] | None = None) -> list[dict]:
     """What the sweep tries for a contender: per checkpointing setting, the micro-batches largest first. `only`
     narrows tuneforge's candidates (--tuneforge-candidates: a call's 10 minutes do not hold every one on big cases)."""
     if contender == "tuneforge":
         return [{"tag": name, "speed": speed, "layouts": None, "checkpointing": None}
                 for name, speed in TUNEFORGE_CANDIDATES.items()
-                if (adapter == "lora" or not speed.get("recompute_lora_dropout")) and (not only or name in only)]
+                if (adapter == "lora" or not speed.get("recompute_lora_dropout"))
+                and (name in only if only else name not in OPT_IN)]
     return [{"tag": f"ckpt-{'on' if ckpt else 'off'}", "speed": None, "layouts": LAYOUTS, "checkpointing": ckpt}
             for ckpt in (False, True)]
 

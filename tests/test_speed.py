@@ -509,7 +509,9 @@ def test_bench_sweep_candidates_can_be_narrowed_for_tuneforge_only():
 
     bench = _bench_module("speed")
     every = [c["tag"] for c in bench.candidates("tuneforge", "lora")]
-    assert every == list(bench.TUNEFORGE_CANDIDATES)
+    assert every == [name for name in bench.TUNEFORGE_CANDIDATES if name not in bench.OPT_IN]
+    assert [c["tag"] for c in bench.candidates("tuneforge", "full", ["syncs_off", "layout_speed"])] == [
+        "layout_speed", "syncs_off"]  # opt-in candidates run when named
     assert "no_checkpointing_recompute_dropout" not in [c["tag"] for c in bench.candidates("tuneforge", "full")]
     only = ["no_checkpointing", "layout_speed"]
     assert [c["tag"] for c in bench.candidates("tuneforge", "lora", only)] == ["layout_speed", "no_checkpointing"]
@@ -551,3 +553,97 @@ def test_step_profiler_counts_what_would_sync_on_a_gpu_in_a_cpu_run():
     assert value == 3.0
     assert [where.split(" [")[1] for where in seen] == ["item]", "__bool__]", "nonzero]"]
     assert all("test_speed.py" in where for where in seen)
+
+
+def test_fewer_syncs_logs_the_same_losses_metrics_and_token_counts(tmp_path, tiny_model_dir, small_sft_file,
+                                                                    monkeypatch):
+    """speed.fewer_syncs: TRL's per-micro-batch metrics, the token counts and the NaN/inf filter kept on the device
+    and read at log time give the plain path's losses, gradient norms and every logged value (LoRA with gradient
+    accumulation, padding-free and padded batches); and the reads that would sync on a GPU in TRL's compute_loss,
+    the Trainer's loss filter and its token counter are gone."""
+    import tuneforge.speed as speed_module
+
+    step_profiler = _bench_module("step_profiler")
+    prepare_trainer = speed_module.prepare_trainer
+    counted: dict[str, list] = {}
+
+    def counting_prepare_trainer(trainer, recipe):  # count what would sync on a GPU during each run's training
+        prepare_trainer(trainer, recipe)
+        seen = counted.setdefault(recipe.name, [])
+        train = trainer.train
+
+        def counted_train(*args, **kwargs):
+            with step_profiler.would_sync_mode(seen.append):
+                return train(*args, **kwargs)
+
+        trainer.train = counted_train
+
+    monkeypatch.setattr(speed_module, "prepare_trainer", counting_prepare_trainer)
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens", "tokens_seen")
+    moved = ("sft_trainer.py:", "_run_epoch", "_track_num_input_tokens")
+    for padding_free in (True, False):
+        tag = "free" if padding_free else "padded"
+        speed = {"padding_free": padding_free, "attention": "sdpa"}
+        runs = {}
+        for lever in (True, False):
+            _, runs[lever] = run_steps(tmp_path, tiny_model_dir, small_sft_file, f"{tag}-{lever}",
+                                       adapter={"type": "lora"}, speed={**speed, "fewer_syncs": lever},
+                                       train_section={"logging_steps": 2})
+        assert len(runs[True]) == len(runs[False]) >= 2
+        for a, b in zip(runs[False], runs[True]):
+            assert a.get("entropy") is not None and a.get("num_tokens") and a.get("tokens_seen")
+            assert {k: a.get(k) for k in keys} == pytest.approx({k: b.get(k) for k in keys}, rel=1e-6)
+        for lever, seen in ((True, counted[f"{tag}-True"]), (False, counted[f"{tag}-False"])):
+            found = {where for where in seen for line in moved if line in where and "collat" not in where}
+            gone = {w for w in found if "torch_call" not in w}  # TRL's collator reads CPU tensors: no GPU sync
+            assert bool(gone) is not lever, (lever, sorted(gone))
+
+
+def test_fewer_syncs_filters_a_nonfinite_loss_as_the_trainer_would():
+    """The Trainer's NaN/inf filter, done on the device: a non-finite step loss adds the running loss's average
+    since the last log instead of itself; a finite one is kept."""
+    import torch
+
+    class State:
+        global_step = 5
+
+    class Args:
+        logging_nan_inf_filter = True
+
+    class Fake:  # what the training_step wrapper reads
+        _tr_loss = torch.tensor(6.0)
+        _globalstep_last_logged = 3
+        state, args = State(), Args()
+
+    from tuneforge.speed import syncs
+
+    fake = Fake()
+    losses = iter([torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor(1.5)])
+    fake.training_step = lambda model, inputs, n=None: next(losses)
+    for name in ("compute_loss", "_track_num_input_tokens", "log", "_save_checkpoint"):
+        setattr(fake, name, None)
+    fake.args.world_size = 1
+    original = syncs.applies
+    syncs.applies = lambda trainer: None
+    try:
+        syncs.install(fake)
+    finally:
+        syncs.applies = original
+    assert fake.args.logging_nan_inf_filter is False  # the Trainer's own check is off; the wrapper does it
+    assert [float(fake.training_step(None, {})) for _ in range(3)] == [2.0, 2.0, 1.5]  # 6 / (1 + 5 - 3)
+
+
+def test_fewer_syncs_refused_where_it_cannot_act():
+    from tuneforge.errors import RecipeError
+    from tuneforge.speed import resolve
+
+    on = _recipe(speed={"fewer_syncs": "auto"})
+    assert resolve(on, "cpu")["fewer_syncs"].startswith("off") and on.speed.fewer_syncs is False
+    cuda = _recipe()
+    resolve(cuda, "cuda")
+    assert cuda.speed.fewer_syncs is True
+    with pytest.raises(RecipeError, match="fewer_syncs"):
+        resolve(_recipe(train={"kl_to_base": 0.1}, speed={"fewer_syncs": True}), "cpu")
+    dpo = _recipe(method="dpo", data={"train": "x.jsonl", "format": "preference"})
+    resolve(dpo, "cuda")
+    assert dpo.speed.fewer_syncs is False

@@ -173,6 +173,10 @@ class SpeedSection(_Section):
         "auto", description="Plain LoRA layers add their scaled update inside one matmul (addmm) instead of two "
         "elementwise passes, without PEFT's fp32 copy of the input under autocast (speed/fused_lora.py; same sum). "
         "auto = on for LoRA.")
+    fewer_syncs: bool | Literal["auto"] = Field(
+        "auto", description="sft/cpt on one process: TRL's per-micro-batch metrics (entropy, token accuracy, token "
+        "counts) and the Trainer's NaN/inf loss filter computed on the GPU and read once per log, so the host does "
+        "not wait for the GPU inside a step (speed/syncs.py; same losses and logged values). auto = on with CUDA.")
     compile: bool = Field(False, description="torch.compile the model (slow start; pays on long runs with static shapes).")
     layout: Literal["memory", "speed"] = Field(
         "memory", description="What train.gradient_checkpointing: auto and fold_accumulation: auto optimise on a GPU. "

@@ -24,6 +24,9 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
                    of the input; PEFT's forward for everything else.
   recompute_lora_dropout  (off) LoRA's input dropout drawn again in the backward, not kept (speed/lora_dropout.py)
   max_micro_batch_tokens  (off) longer padding-free micro-batches trained as several (speed/split.py)
+  fewer_syncs      sft/cpt, one process: TRL's per-micro-batch metrics, the Trainer's token count and NaN/inf loss
+                   filter kept on the device and read once per log (speed/syncs.py): the host no longer waits for the
+                   GPU several times inside every step (not yet measured on a GPU).
   trainer overhead the Trainer counts FLOPs by walking every parameter each micro-batch; counted once here.
   attention        auto = flash_attention_2 where flash-attn is installed on CUDA; else, for padding-free batches on
                    CUDA, varlen (speed/varlen.py: PyTorch's varlen flash kernel, example boundaries from the position
@@ -95,6 +98,9 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
 
         raise RecipeError(["`speed.recompute_lora_dropout`: it works inside the fused LoRA forward, which is off here "
                            "(speed.fused_lora, plain LoRA only); remove the key or turn speed.fused_lora on"])
+    s.fewer_syncs, why = _fewer_syncs(recipe, cuda)
+    if why:
+        reasons["fewer_syncs"] = why
     if s.attention == "auto":
         from tuneforge.speed import varlen
 
@@ -124,6 +130,27 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
         recipe.train.batch_size *= fold
         recipe.train.grad_accum //= fold
     return reasons
+
+
+def _fewer_syncs(recipe, cuda: bool) -> tuple[bool, str | None]:
+    """speed.fewer_syncs decided: (on, why) for auto; `true` where speed/syncs.py cannot act is refused."""
+    from tuneforge.mitigations import wanted as regularized
+    from tuneforge.ranks import world_size
+
+    asked = recipe.speed.fewer_syncs
+    if asked is False:
+        return False, None
+    blocker = ("it acts on TRL's SFTTrainer loss (sft/cpt only)" if recipe.method not in ("sft", "cpt") else
+               "train.kl_to_base / train.ewc compute their own loss" if regularized(recipe) else
+               f"{world_size()} processes gather their metrics every micro-batch" if world_size() > 1 else None)
+    if asked is True:
+        if blocker:
+            from tuneforge.errors import RecipeError
+
+            raise RecipeError([f"`speed.fewer_syncs`: {blocker}; remove the key or set it to auto"])
+        return True, None
+    on = cuda and blocker is None
+    return on, ("metrics read once per log" if on else f"off ({blocker or 'only on CUDA: a CPU step never waits'})")
 
 
 def resolve_for_run(recipe, console, lengths: list[int] | None = None):
@@ -291,6 +318,10 @@ def prepare_trainer(trainer, recipe) -> None:
         from tuneforge.speed import offload
 
         trainer.add_callback(offload.callback())
+    if recipe.speed.fewer_syncs is True:  # last: its training_step wrapper sees the whole step's loss
+        from tuneforge.speed import syncs
+
+        syncs.install(trainer)
 
 
 def reduce_trainer_overhead(trainer) -> None:
