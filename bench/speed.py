@@ -18,7 +18,8 @@ Fairness rules (issue #21):
      its defaults (its planner picks the layout and checkpointing), `speed.layout: speed`, `speed.layout: speed`
      with `train.gradient_checkpointing: false` (checkpointing off, as the peers' sweeps try), and `speed.layout:
      speed` with `speed.max_micro_batch_tokens: 8192`, and (LoRA) no checkpointing with
-     `speed.recompute_lora_dropout: true`.
+     `speed.recompute_lora_dropout: true` or `speed.keep_lora_dropout_mask: true`. Opt-in candidates (named in
+     --tuneforge-candidates only): `syncs_off` (speed.fewer_syncs off, to measure the lever) and `compiled`.
      One case may be measured over several calls (a device call is limited in time): --sweep-only, then
      --sweep-from with --repeats / --first-repeat, joined by --merge.
   2. Each peer in its own process on the versions it pins: Unsloth from its own --unsloth-path (its pinned TRL,
@@ -88,7 +89,11 @@ TUNEFORGE_CANDIDATES = {"defaults": {}, "layout_speed": {"layout": "speed"},
                         "compiled": {"layout": "speed", "compile": True},
                         # LoRA only: no checkpointing, LoRA's dropout drawn again in the backward instead of kept
                         "no_checkpointing_recompute_dropout": {"layout": "speed", "gradient_checkpointing": False,
-                                                               "recompute_lora_dropout": True}}
+                                                               "recompute_lora_dropout": True},
+                        # LoRA only: no checkpointing, LoRA's dropout keeping its 1-byte mask, not the dropped copy
+                        "no_checkpointing_keep_mask": {"layout": "speed", "gradient_checkpointing": False,
+                                                       "keep_lora_dropout_mask": True}}
+LORA_ONLY = ("recompute_lora_dropout", "keep_lora_dropout_mask")  # levers inside the fused LoRA forward
 
 
 def lr_for(adapter: str) -> float:
@@ -513,7 +518,7 @@ def candidates(contender: str, adapter: str = "lora", only: list[str] | None = N
     if contender == "tuneforge":
         return [{"tag": name, "speed": speed, "layouts": None, "checkpointing": None}
                 for name, speed in TUNEFORGE_CANDIDATES.items()
-                if (adapter == "lora" or not speed.get("recompute_lora_dropout"))
+                if (adapter == "lora" or not any(speed.get(key) for key in LORA_ONLY))
                 and (name in only if only else name not in OPT_IN)]
     return [{"tag": f"ckpt-{'on' if ckpt else 'off'}", "speed": None, "layouts": LAYOUTS, "checkpointing": ckpt}
             for ckpt in (False, True)]

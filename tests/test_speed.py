@@ -427,22 +427,53 @@ def test_recomputed_lora_dropout_is_the_dropout_it_replaces():
         assert torch.allclose(ref, got, rtol=1e-6, atol=1e-6)
 
 
-def test_recomputed_lora_dropout_trains_as_peft_and_keeps_less(tiny_model_dir):
-    """speed.recompute_lora_dropout inside the fused LoRA forward: with dropout 0.1 a step gives PEFT's logits and
-    adapter gradients (CPU: the same masks), and autograd keeps fewer bytes for the backward."""
+def test_masked_lora_dropout_is_the_dropout_it_replaces():
+    """speed/lora_dropout.py masked_lora_a: lora_A(dropout(x)) keeping x and the bool mask gives F.dropout's values
+    and gradients (the same draw from the same seed), in fp32 and under bf16 autocast, and keeps no 16-bit copy."""
+    import torch
+    import torch.nn.functional as F
+
+    from tuneforge.speed.lora_dropout import masked_lora_a
+
+    x0, w0, probe = torch.randn(3, 7, 16), torch.randn(4, 16), torch.randn(3, 7, 4)
+    for dtype in (torch.float32, torch.bfloat16):
+        def run(fused: bool):
+            x, w = x0.to(dtype).clone().requires_grad_(), w0.clone().requires_grad_()
+            torch.manual_seed(11)
+            kept = []
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16), \
+                    torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+                h = masked_lora_a(x, w, 0.3) if fused else F.linear(F.dropout(x, 0.3, True), w)
+            (h.float() * probe).sum().backward()
+            return (h.detach().float(), x.grad.float(), w.grad, torch.rand(1)), kept
+
+        ref, _ = run(False)
+        got, kept = run(True)
+        tol = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: the scale is applied in another order
+        for a, b in zip(ref, got):
+            assert torch.allclose(a, b, rtol=tol, atol=tol)
+        # kept: x itself, the weight and the bool mask -- nothing else the size of x in 16 or 32 bits
+        assert sorted(str(t.dtype) for t in kept if t.shape == x0.shape) == sorted(["torch.bool", str(dtype)])
+
+
+@pytest.mark.parametrize("saves", ["recompute", "mask"])
+def test_lora_dropout_saves_trains_as_peft_and_keeps_less(tiny_model_dir, saves):
+    """speed.recompute_lora_dropout / speed.keep_lora_dropout_mask inside the fused LoRA forward: with dropout 0.1 a
+    step gives PEFT's logits and adapter gradients (CPU: the same masks), and autograd keeps fewer bytes for the
+    backward."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from tuneforge.speed import fused_lora
 
-    def lora_model(recompute=None):
+    def lora_model(dropout_saves=False):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
         config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False)
         model = get_peft_model(base, config)
-        if recompute is not None:
-            fused_lora.install(model, recompute_dropout=recompute)
+        if dropout_saves is not False:
+            fused_lora.install(model, dropout_saves=dropout_saves)
         return model.train()
 
     ids = torch.randint(5, 100, (2, 12))
@@ -469,13 +500,14 @@ def test_recomputed_lora_dropout_trains_as_peft_and_keeps_less(tiny_model_dir):
         return out.logits.detach(), grads, sum(kept.values())
 
     plain_logits, plain_grads, _ = step(lora_model())
-    _, _, kept_fused = step(lora_model(recompute=False))
-    logits, grads, kept_recomputed = step(lora_model(recompute=True))
+    _, _, kept_fused = step(lora_model(dropout_saves=None))
+    logits, grads, kept_lean = step(lora_model(dropout_saves=saves))
     assert torch.allclose(plain_logits, logits, rtol=1e-5, atol=1e-6)
     assert plain_grads.keys() == grads.keys() and len(grads) == 28
     for name, grad in plain_grads.items():
         assert torch.allclose(grad, grads[name], rtol=1e-4, atol=1e-6), name
-    assert kept_recomputed < 0.75 * kept_fused, (kept_recomputed, kept_fused)
+    # CPU dropout keeps a float mask (CUDA's is 1 byte): recomputing keeps neither; a bool mask is 1 of its 4 bytes
+    assert kept_lean < (0.75 if saves == "recompute" else 0.85) * kept_fused, (kept_lean, kept_fused)
 
 
 def test_recompute_lora_dropout_needs_the_fused_forward():
@@ -487,6 +519,11 @@ def test_recompute_lora_dropout_needs_the_fused_forward():
     ok = _recipe(adapter={"type": "lora"}, speed={"recompute_lora_dropout": True})
     resolve(ok, "cpu")
     assert ok.speed.fused_lora is True
+    with pytest.raises(RecipeError, match="fused LoRA forward"):
+        resolve(_recipe(adapter={"type": "lora"}, speed={"fused_lora": False, "keep_lora_dropout_mask": True}), "cpu")
+    with pytest.raises(RecipeError, match="choose one"):
+        resolve(_recipe(adapter={"type": "lora"}, speed={"recompute_lora_dropout": True,
+                                                         "keep_lora_dropout_mask": True}), "cpu")
 
 
 def _bench_module(name: str):
@@ -512,7 +549,9 @@ def test_bench_sweep_candidates_can_be_narrowed_for_tuneforge_only():
     assert every == [name for name in bench.TUNEFORGE_CANDIDATES if name not in bench.OPT_IN]
     assert [c["tag"] for c in bench.candidates("tuneforge", "full", ["syncs_off", "layout_speed"])] == [
         "layout_speed", "syncs_off"]  # opt-in candidates run when named
-    assert "no_checkpointing_recompute_dropout" not in [c["tag"] for c in bench.candidates("tuneforge", "full")]
+    full = [c["tag"] for c in bench.candidates("tuneforge", "full")]
+    assert "no_checkpointing_recompute_dropout" not in full and "no_checkpointing_keep_mask" not in full
+    assert "no_checkpointing_keep_mask" in every
     only = ["no_checkpointing", "layout_speed"]
     assert [c["tag"] for c in bench.candidates("tuneforge", "lora", only)] == ["layout_speed", "no_checkpointing"]
     assert [c["tag"] for c in bench.candidates("unsloth", "lora", only)] == ["ckpt-off", "ckpt-on"]
@@ -647,3 +686,26 @@ def test_fewer_syncs_refused_where_it_cannot_act():
     dpo = _recipe(method="dpo", data={"train": "x.jsonl", "format": "preference"})
     resolve(dpo, "cuda")
     assert dpo.speed.fewer_syncs is False
+
+
+def test_memory_plan_knows_what_lora_dropout_keeps():
+    """The plan (and so `layout: speed`) counts what speed.keep_lora_dropout_mask / recompute_lora_dropout leave out:
+    per adapted projection and token, the 16-bit dropped-out copy (mask kept) or the copy and the mask (recompute)."""
+    from tuneforge.guide.plan import reference_config
+    from tuneforge.memory import model_shape, plan_for_recipe
+
+    config = reference_config("llama-8b")
+    shape = model_shape(config)
+    features = sum(lin.in_features for lin in shape.linears)  # all seven projections are adapted
+    tokens = 4096
+    plans = {}
+    for name, speed in (("copy", {}), ("mask", {"keep_lora_dropout_mask": True}),
+                        ("none", {"recompute_lora_dropout": True})):
+        recipe = _recipe(adapter={"type": "lora", "target_modules": "all-linear"}, speed=speed)
+        plans[name] = plan_for_recipe(recipe, config, seq_len=tokens, batch_size=1, gradient_checkpointing=False,
+                                      dtype="bf16")["activations"]
+    assert plans["copy"] - plans["mask"] == tokens * shape.layers * features * 2
+    assert plans["mask"] - plans["none"] == tokens * shape.layers * features * 1
+    off = _recipe(adapter={"type": "lora"}, speed={"keep_lora_dropout_mask": True, "fused_lora": False})
+    assert plan_for_recipe(off, config, seq_len=tokens, batch_size=1, gradient_checkpointing=False,
+                           dtype="bf16")["activations"] == plans["copy"]  # PEFT's forward keeps the copy

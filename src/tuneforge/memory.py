@@ -210,14 +210,19 @@ def layer_activation_bytes(shape: ModelShape, c: int, *, frozen_base: bool = Fal
     return norms + attention + mlp
 
 
-def lora_activation_bytes(shape: ModelShape, c: int, r: int, target_modules, dropout: float) -> float:
+def lora_activation_bytes(shape: ModelShape, c: int, r: int, target_modules, dropout: float,
+                          dropout_saves: str = "copy") -> float:
     """Per token per layer: each adapted module keeps its own copy of its input as the adapter saw it (PEFT casts
     the input to the adapter's dtype, autocast casts it back: c bytes per input feature), the dropout mask (1 byte
-    per feature when dropout > 0) and the rank-r intermediate (c * r)."""
+    per feature when dropout > 0) and the rank-r intermediate (c * r). dropout_saves (speed/lora_dropout.py, with
+    dropout > 0): "mask" keeps only the 1-byte mask (speed.keep_lora_dropout_mask), "none" nothing
+    (speed.recompute_lora_dropout)."""
     per = 0.0
+    lean = dropout > 0 and dropout_saves in ("mask", "none")
     for lin in shape.linears:
         if _matches(lin.name, target_modules):
-            per += lin.in_features * (c + (1 if dropout > 0 else 0)) + c * r
+            kept = (1 if dropout_saves == "mask" else 0) if lean else c + (1 if dropout > 0 else 0)
+            per += lin.in_features * kept + c * r
     return per
 
 
@@ -233,6 +238,7 @@ def plan_memory(
     lora_r: int = 16,
     target_modules="all-linear",
     lora_dropout: float = 0.05,
+    lora_dropout_saves: str = "copy",
     modules_to_save: list[str] | tuple = (),
     quant_bits: int = 4,
     double_quant: bool = True,
@@ -242,7 +248,8 @@ def plan_memory(
 ) -> dict[str, Any]:
     """Peak training memory for one micro-batch of `batch_size` x `seq_len` tokens, broken down by part.
 
-    `adapter`: full | none | lora | qlora. `dtype`: bf16 | fp16 | fp32 (weights and compute). `optimizer`: a
+    `adapter`: full | none | lora | qlora. `dtype`: bf16 | fp16 | fp32 (weights and compute). `lora_dropout_saves`:
+    copy | mask | none (lora_activation_bytes). `optimizer`: a
     transformers optimizer name (default by adapter type: DEFAULT_OPTIMIZER). Returns bytes for each part, the
     predicted `max_memory_allocated` (`total`), what the GPU will show (`reserved`), and both in GiB.
     """
@@ -298,7 +305,7 @@ def plan_memory(
     # activations
     per_layer = layer_activation_bytes(shape, c, frozen_base=lora, mlp_bytes=4 if adapter == "qlora" else None)
     if lora:
-        per_layer += lora_activation_bytes(shape, c, lora_r, target_modules, lora_dropout)
+        per_layer += lora_activation_bytes(shape, c, lora_r, target_modules, lora_dropout, lora_dropout_saves)
     final_norm = (4 + (0 if lora else 2 * c)) * shape.hidden
     if gradient_checkpointing:
         activations = tokens * (shape.layers * c * shape.hidden + per_layer + final_norm)
@@ -482,6 +489,9 @@ def recipe_settings(recipe, *, gpu: GpuSpec | None = None, **changes) -> dict[st
         lora_r=a.r, target_modules=a.target_modules, lora_dropout=a.dropout, modules_to_save=list(a.modules_to_save),
         quant_bits=q.bits, double_quant=q.double_quant,
     )
+    s = recipe.speed
+    if a.type == "lora" and s.fused_lora is not False and (s.keep_lora_dropout_mask or s.recompute_lora_dropout):
+        settings["lora_dropout_saves"] = "none" if s.recompute_lora_dropout else "mask"
     if a.type not in ("lora", "qlora", "full", "none"):  # the other types' knobs (memory_adapters.py)
         from tuneforge.memory_adapters import adapter_options
 

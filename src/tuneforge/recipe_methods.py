@@ -197,6 +197,11 @@ class SpeedSection(_Section):
         "dropped-out copy of the input and its mask per adapted projection (speed/lora_dropout.py; less activation "
         "memory without checkpointing, at a cost in speed: on an H100, Qwen2 1.5B LoRA, 0.76x the memory at 0.72x the "
         "step rate).")
+    keep_lora_dropout_mask: bool = Field(
+        False, description="With speed.fused_lora: LoRA's input dropout and A matmul as one function that keeps the "
+        "input (kept by the base layer anyway) and dropout's 1-byte mask, not the dropped-out 16-bit copy, per "
+        "adapted projection (speed/lora_dropout.py; the same masks as PEFT's dropout, one extra elementwise pass in "
+        "the backward). Less activation memory without checkpointing.")
     max_micro_batch_tokens: int | None = Field(
         None, ge=1, description="sft/cpt with padding-free batches, one process: a micro-batch with more real tokens "
         "than this is trained as several (whole examples, same loss and gradient; speed/split.py), and the memory plan "

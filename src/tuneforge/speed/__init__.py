@@ -22,6 +22,8 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
   fused_lora       plain LoRA layers add scaling * (A x) B^T to the base output inside one addmm (speed/fused_lora.py)
                    instead of a multiply and an add over the whole output, and under autocast skip PEFT's fp32 copy
                    of the input; PEFT's forward for everything else.
+  keep_lora_dropout_mask  (off) LoRA's input dropout keeps its 1-byte mask, not the dropped-out 16-bit copy
+                   (speed/lora_dropout.py; the same masks as PEFT's)
   recompute_lora_dropout  (off) LoRA's input dropout drawn again in the backward, not kept (speed/lora_dropout.py)
   max_micro_batch_tokens  (off) longer padding-free micro-batches trained as several (speed/split.py)
   fewer_syncs      sft/cpt, one process: TRL's per-micro-batch metrics, the Trainer's token count and NaN/inf loss
@@ -93,11 +95,17 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
     if s.fused_lora == "auto":
         s.fused_lora = recipe.adapter.type == "lora" and not recipe.adapter.use_dora
         reasons["fused_lora"] = "plain LoRA" if s.fused_lora else "only for plain LoRA (not QLoRA, DoRA, full)"
-    if s.recompute_lora_dropout and s.fused_lora is not True:
+    for key in ("recompute_lora_dropout", "keep_lora_dropout_mask"):
+        if getattr(s, key) and s.fused_lora is not True:
+            from tuneforge.errors import RecipeError
+
+            raise RecipeError([f"`speed.{key}`: it works inside the fused LoRA forward, which is off here "
+                               "(speed.fused_lora, plain LoRA only); remove the key or turn speed.fused_lora on"])
+    if s.recompute_lora_dropout and s.keep_lora_dropout_mask:
         from tuneforge.errors import RecipeError
 
-        raise RecipeError(["`speed.recompute_lora_dropout`: it works inside the fused LoRA forward, which is off here "
-                           "(speed.fused_lora, plain LoRA only); remove the key or turn speed.fused_lora on"])
+        raise RecipeError(["`speed.keep_lora_dropout_mask` and `speed.recompute_lora_dropout`: choose one (the mask "
+                           "kept, 1 byte per element, or drawn again in the backward, nothing kept)"])
     s.fewer_syncs, why = _fewer_syncs(recipe, cuda)
     if why:
         reasons["fewer_syncs"] = why
@@ -303,7 +311,9 @@ def prepare_model(model, recipe) -> dict:
     if recipe.speed.fused_lora is True:
         from tuneforge.speed import fused_lora
 
-        done["fused_lora_layers"] = fused_lora.install(model, recompute_dropout=recipe.speed.recompute_lora_dropout)
+        saves = ("recompute" if recipe.speed.recompute_lora_dropout else
+                 "mask" if recipe.speed.keep_lora_dropout_mask else None)
+        done["fused_lora_layers"] = fused_lora.install(model, dropout_saves=saves)
     return done
 
 

@@ -46,11 +46,13 @@ def _forward(self, x, *args, **kwargs):
     result = self.base_layer(x, *args, **kwargs)
     name = self.active_adapters[0]
     dropout, lora_a = self.lora_dropout[name], self.lora_A[name]
-    if (getattr(self, "_tuneforge_recompute_dropout", False) and isinstance(dropout, torch.nn.Dropout)
-            and dropout.training and dropout.p > 0 and lora_a.bias is None):
-        from tuneforge.speed.lora_dropout import dropout_lora_a
+    saves = getattr(self, "_tuneforge_dropout_saves", None)
+    if (saves and isinstance(dropout, torch.nn.Dropout) and dropout.training and 0 < dropout.p < 1
+            and lora_a.bias is None):
+        from tuneforge.speed.lora_dropout import dropout_lora_a, masked_lora_a
 
-        h = dropout_lora_a(x, lora_a.weight, dropout.p)  # keeps x, not the dropped-out copy (speed/lora_dropout.py)
+        # keeps x (and the mask, or the generator state), not the dropped-out copy (speed/lora_dropout.py)
+        h = (masked_lora_a if saves == "mask" else dropout_lora_a)(x, lora_a.weight, dropout.p)
     else:
         h = lora_a(dropout(x))
     weight = self.lora_B[name].weight  # [out, r]
@@ -59,10 +61,11 @@ def _forward(self, x, *args, **kwargs):
     return out.view(result.shape).to(result.dtype)
 
 
-def install(model, recompute_dropout: bool = False) -> int:
+def install(model, dropout_saves: str | None = None) -> int:
     """Give every LoRA Linear layer of `model` the fused forward (falls back to PEFT's per call); idempotent.
-    recompute_dropout: the adapter's input dropout drawn again in the backward instead of kept (speed.
-    recompute_lora_dropout). Returns the number of layers."""
+    dropout_saves: what the adapter's input dropout keeps for the backward instead of the dropped-out copy --
+    "mask" (speed.keep_lora_dropout_mask) or "recompute" (speed.recompute_lora_dropout: drawn again); None = PEFT's
+    dropout. Returns the number of layers."""
     from peft.tuners.lora import Linear as LoraLinear
 
     count = 0
@@ -72,6 +75,6 @@ def install(model, recompute_dropout: bool = False) -> int:
         if not hasattr(module, "_tuneforge_peft_forward"):
             module._tuneforge_peft_forward = module.forward
             module.forward = types.MethodType(_forward, module)
-        module._tuneforge_recompute_dropout = recompute_dropout
+        module._tuneforge_dropout_saves = dropout_saves
         count += 1
     return count

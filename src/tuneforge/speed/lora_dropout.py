@@ -1,5 +1,12 @@
-"""speed.recompute_lora_dropout -- LoRA's input dropout and its A matmul as one autograd function that keeps only the
-input and the random-number state for the backward, and draws the same mask again there.
+"""speed.lora_dropout_saves -- what LoRA's input dropout keeps for the backward, inside the fused LoRA forward.
+
+  mask       (speed.keep_lora_dropout_mask) dropout and the A matmul as one autograd function that keeps the input
+             (which the base layer keeps anyway) and torch's 1-byte dropout mask, and applies the mask again in
+             the backward; the dropped-out 16-bit copy is not kept. Same masks as PEFT's dropout (torch's own
+             native_dropout draws them), so the step is PEFT's to rounding on CPU and GPU alike; one extra
+             elementwise pass per projection in the backward.
+  recompute  (speed.recompute_lora_dropout) keeps only the input and the random-number state, and draws the
+             same mask again in the backward.
 
 Why this exists: PEFT computes lora_A(dropout(x)) per adapted projection. Autograd then keeps, for each of the seven
 projections of a decoder layer, the dropped-out copy of the input (16 bits per element, for A's gradient) and the
@@ -72,6 +79,41 @@ class DropoutLoraA(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = (g @ weight.to(ctx.compute_dtype)).to(x.dtype).mul_(noise).mul_(scale)
         return grad_x, grad_w, None, None
+
+
+class MaskedLoraA(torch.autograd.Function):
+    """lora_A(dropout(x)) keeping x and dropout's bool mask (not the dropped-out copy) for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p, compute_dtype):
+        dropped, mask = torch.ops.aten.native_dropout(x, p, True)  # what F.dropout runs: the same draw
+        with torch.autocast(x.device.type, enabled=False):
+            h = F.linear(dropped.to(compute_dtype), weight.to(compute_dtype))
+        ctx.save_for_backward(x, weight, mask)
+        ctx.p, ctx.compute_dtype = p, compute_dtype
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, weight, mask = ctx.saved_tensors
+        scale = 1.0 / (1.0 - ctx.p)
+        g = grad_h.to(ctx.compute_dtype)
+        grad_x = grad_w = None
+        with torch.autocast(x.device.type, enabled=False):
+            if ctx.needs_input_grad[1]:
+                dropped = torch.ops.aten.native_dropout_backward(x, mask, scale).to(ctx.compute_dtype)
+                grad_w = (g.reshape(-1, g.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])).to(weight.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.ops.aten.native_dropout_backward((g @ weight.to(ctx.compute_dtype)).to(x.dtype),
+                                                                mask, scale)
+        return grad_x, grad_w, None, None
+
+
+def masked_lora_a(x, weight, p: float):
+    """lora_A(dropout(x)) with weight [r, in], keeping x and the 1-byte mask for the backward (see MaskedLoraA)."""
+    kind = x.device.type
+    compute_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    return MaskedLoraA.apply(x, weight, p, compute_dtype)
 
 
 def dropout_lora_a(x, weight, p: float):
