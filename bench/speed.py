@@ -19,7 +19,8 @@ Fairness rules (issue #21):
      with `train.gradient_checkpointing: false` (checkpointing off, as the peers' sweeps try), and `speed.layout:
      speed` with `speed.max_micro_batch_tokens: 8192`, and (LoRA) no checkpointing with
      `speed.recompute_lora_dropout: true` or `speed.keep_lora_dropout_mask: true`. Opt-in candidates (named in
-     --tuneforge-candidates only): `syncs_off` (speed.fewer_syncs off, to measure the lever) and `compiled`.
+     --tuneforge-candidates only): `syncs_off` / `fused_lora_off` (speed.fewer_syncs / speed.fused_lora off, to
+     measure the lever) and `compiled`.
      One case may be measured over several calls (a device call is limited in time): --sweep-only, then
      --sweep-from with --repeats / --first-repeat, joined by --merge.
   2. Each peer in its own process on the versions it pins: Unsloth from its own --unsloth-path (its pinned TRL,
@@ -87,6 +88,7 @@ TUNEFORGE_CANDIDATES = {"defaults": {}, "layout_speed": {"layout": "speed"},
                         # torch.compile (speed.compile)
                         "syncs_off": {"layout": "speed", "fewer_syncs": False},
                         "compiled": {"layout": "speed", "compile": True},
+                        "fused_lora_off": {"layout": "speed", "fused_lora": False},
                         # LoRA only: no checkpointing, LoRA's dropout drawn again in the backward instead of kept
                         "no_checkpointing_recompute_dropout": {"layout": "speed", "gradient_checkpointing": False,
                                                                "recompute_lora_dropout": True},
@@ -509,7 +511,7 @@ def run_one(contender: str, case: str, args, folder: Path, data: Path, eval_data
 
 
 # tried only when named in --tuneforge-candidates: a lever measured against itself, or a slow start
-OPT_IN = {"syncs_off", "compiled"}
+OPT_IN = {"syncs_off", "compiled", "fused_lora_off"}
 
 
 def candidates(contender: str, adapter: str = "lora", only: list[str] | None = None) -> list[dict]:

@@ -217,6 +217,58 @@ def test_fused_lora_matches_peft_forward(tiny_model_dir):
         assert torch.equal(fused(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
+def test_fused_lora_on_4bit_layers_matches_peft_forward(tmp_path):
+    """speed.fused_lora on QLoRA's 4-bit LoRA layers (bitsandbytes' CPU path, bf16 autocast as on a GPU): PEFT's
+    logits and adapter gradients to bf16 rounding, the fast path taken (no clone of the base output), and PEFT's
+    forward without autocast (where the 4-bit base output's dtype is not known before it is computed)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    from tuneforge.speed import fused_lora
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+
+    def qlora_model():
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb, dtype=torch.bfloat16,
+                                                     device_map={"": "cpu"})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        torch.manual_seed(1)
+        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+                                                init_lora_weights=False))
+
+    ids = torch.randint(5, 300, (2, 10))
+
+    def step(model, autocast=True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+        return out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, fused = qlora_model(), qlora_model()
+    assert fused_lora.install(fused) == 14
+    (ref_logits, ref_grads), (logits, grads) = step(plain), step(fused)
+    assert ref_grads.keys() == grads.keys() and len(grads) == 28
+    assert ((ref_logits - logits).norm() / ref_logits.norm()) < 2e-2
+    for name, grad in ref_grads.items():
+        assert ((grad - grads[name]).norm() / grad.norm()) < 5e-2, name
+    from torch.profiler import profile
+
+    def clones(model, autocast=True):
+        with profile() as prof:
+            step(model, autocast)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::clone")
+
+    assert clones(fused) + 14 <= clones(plain)  # PEFT clones each 4-bit layer's output; the fused path does not
+    assert clones(fused, autocast=False) == clones(plain, autocast=False)  # no autocast: PEFT's forward
+
+
 def _recipe(**sections):
     return parse_recipe({"name": "t", "data": {"train": "x.jsonl"}, **sections})
 

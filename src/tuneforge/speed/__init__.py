@@ -19,7 +19,8 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
                    then no checkpointing, then checkpointing every 2nd layer, then every layer.
   offload_checkpoints  with checkpointing under layout memory, the layer inputs kept for the recomputation wait
                    in pinned CPU memory, copied on a side stream (speed/offload.py).
-  fused_lora       plain LoRA layers add scaling * (A x) B^T to the base output inside one addmm (speed/fused_lora.py)
+  fused_lora       LoRA and QLoRA layers add scaling * (A x) B^T to the base output inside one addmm
+                   (speed/fused_lora.py)
                    instead of a multiply and an add over the whole output, and under autocast skip PEFT's fp32 copy
                    of the input; PEFT's forward for everything else.
   keep_lora_dropout_mask  (off) LoRA's input dropout keeps its 1-byte mask, not the dropped-out 16-bit copy
@@ -93,14 +94,19 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
         s.fused_optimizer = cuda and recipe.train.optimizer == "adamw_torch"
         reasons["fused_optimizer"] = "adamw_torch on CUDA" if s.fused_optimizer else "only for adamw_torch on CUDA"
     if s.fused_lora == "auto":
-        s.fused_lora = recipe.adapter.type == "lora" and not recipe.adapter.use_dora
-        reasons["fused_lora"] = "plain LoRA" if s.fused_lora else "only for plain LoRA (not QLoRA, DoRA, full)"
+        s.fused_lora = recipe.adapter.type in ("lora", "qlora") and not recipe.adapter.use_dora
+        reasons["fused_lora"] = "LoRA/QLoRA" if s.fused_lora else "only for LoRA and QLoRA (not DoRA, full, others)"
     for key in ("recompute_lora_dropout", "keep_lora_dropout_mask"):
         if getattr(s, key) and s.fused_lora is not True:
             from tuneforge.errors import RecipeError
 
             raise RecipeError([f"`speed.{key}`: it works inside the fused LoRA forward, which is off here "
                                "(speed.fused_lora, plain LoRA only); remove the key or turn speed.fused_lora on"])
+        if getattr(s, key) and recipe.adapter.type != "lora":
+            from tuneforge.errors import RecipeError
+
+            raise RecipeError([f"`speed.{key}`: plain LoRA only (adapter.type is {recipe.adapter.type}; QLoRA's 4-bit "
+                               "layers keep their own copy of the input); remove the key"])
     if s.recompute_lora_dropout and s.keep_lora_dropout_mask:
         from tuneforge.errors import RecipeError
 

@@ -12,6 +12,11 @@ Only plain LoRA takes this path: one active adapter, no DoRA/other variant, no L
 adapter names, and dtypes that agree (autocast on, or input, adapter and base output in one dtype). Anything else
 runs PEFT's own forward, unchanged. The result is the same sum, rounded once instead of twice
 (tests/test_speed.py checks it against PEFT's forward, values and gradients).
+
+QLoRA's 4-bit LoRA layers (PEFT's bnb Linear4bit) take it too, under autocast: PEFT's forward there also clones the
+4-bit base output ("defensively", a full copy) before the multiply and the add; addmm is out of place, so no clone is
+needed. Their base output keeps the input's dtype (the fp32 residual stream prepare_model_for_kbit_training leaves),
+so the addmm runs in that dtype, autocast off: the base output is not rounded to 16 bits on the way.
 """
 
 from __future__ import annotations
@@ -46,6 +51,13 @@ def _forward(self, x, *args, **kwargs):
     result = self.base_layer(x, *args, **kwargs)
     name = self.active_adapters[0]
     dropout, lora_a = self.lora_dropout[name], self.lora_A[name]
+    weight = self.lora_B[name].weight  # [out, r]
+    if self._tuneforge_4bit:  # QLoRA: PEFT's dropout and A; the update added in the base output's dtype
+        h = lora_a(dropout(x))
+        with torch.autocast(x.device.type, enabled=False):
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
+                              weight.t().to(result.dtype), alpha=self.scaling[name])
+        return out.view(result.shape)
     saves = getattr(self, "_tuneforge_dropout_saves", None)
     if (saves and isinstance(dropout, torch.nn.Dropout) and dropout.training and 0 < dropout.p < 1
             and lora_a.bias is None):
@@ -55,7 +67,6 @@ def _forward(self, x, *args, **kwargs):
         h = (masked_lora_a if saves == "mask" else dropout_lora_a)(x, lora_a.weight, dropout.p)
     else:
         h = lora_a(dropout(x))
-    weight = self.lora_B[name].weight  # [out, r]
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t(),
                       alpha=self.scaling[name])
     return out.view(result.shape).to(result.dtype)
@@ -68,13 +79,19 @@ def install(model, dropout_saves: str | None = None) -> int:
     dropout. Returns the number of layers."""
     from peft.tuners.lora import Linear as LoraLinear
 
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # bitsandbytes not installed: no 4-bit layers either
+        Linear4bit = None
     count = 0
     for module in model.modules():
-        if type(module) is not LoraLinear:  # 4-bit/8-bit LoRA layers have their own forward: left to PEFT
+        four_bit = Linear4bit is not None and type(module) is Linear4bit
+        if type(module) is not LoraLinear and not four_bit:  # 8-bit and other LoRA layers: left to PEFT
             continue
         if not hasattr(module, "_tuneforge_peft_forward"):
             module._tuneforge_peft_forward = module.forward
             module.forward = types.MethodType(_forward, module)
-        module._tuneforge_dropout_saves = dropout_saves
+        module._tuneforge_4bit = four_bit
+        module._tuneforge_dropout_saves = None if four_bit else dropout_saves
         count += 1
     return count
