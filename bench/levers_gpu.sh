@@ -12,7 +12,7 @@ run() {  # name, then bench/speed.py arguments
     --out "$out/$name.json" "$@" 2>&1 | cut -c1-700 | tee "$out/$name.log" | cut -c1-400
 }
 run syncs-1b-full --cases llama-1b-full --contenders tuneforge,unsloth --unsloth-path /tmp/uns \
-  --tuneforge-candidates layout_speed,syncs_off
-run fused-1b-qlora --cases llama-1b-qlora --contenders tuneforge --tuneforge-candidates layout_speed,fused_lora_off
+  --tuneforge-candidates layout_speed,syncs_on
+run fused-1b-qlora --cases llama-1b-qlora --contenders tuneforge --tuneforge-candidates layout_speed,fused_qlora
 run mask-1b-lora --cases llama-1b-lora --contenders tuneforge \
   --tuneforge-candidates no_checkpointing,no_checkpointing_keep_mask

@@ -19,8 +19,8 @@ Fairness rules (issue #21):
      with `train.gradient_checkpointing: false` (checkpointing off, as the peers' sweeps try), and `speed.layout:
      speed` with `speed.max_micro_batch_tokens: 8192`, and (LoRA) no checkpointing with
      `speed.recompute_lora_dropout: true` or `speed.keep_lora_dropout_mask: true`. Opt-in candidates (named in
-     --tuneforge-candidates only): `syncs_off` / `fused_lora_off` (speed.fewer_syncs / speed.fused_lora off, to
-     measure the lever) and `compiled`.
+     --tuneforge-candidates only): `syncs_on`, `fused_qlora`, `compiled` (speed.fewer_syncs, speed.fused_lora on
+     QLoRA, speed.compile: levers not yet on by default, each measured against `layout_speed`).
      One case may be measured over several calls (a device call is limited in time): --sweep-only, then
      --sweep-from with --repeats / --first-repeat, joined by --merge.
   2. Each peer in its own process on the versions it pins: Unsloth from its own --unsloth-path (its pinned TRL,
@@ -84,11 +84,11 @@ TUNEFORGE_CANDIDATES = {"defaults": {}, "layout_speed": {"layout": "speed"},
                         "no_checkpointing": {"layout": "speed", "gradient_checkpointing": False},
                         # the speed layout planned for micro-batches of at most 8,192 tokens (longer ones split)
                         "capped_8k": {"layout": "speed", "max_micro_batch_tokens": 8192},
-                        # the speed layout with speed.fewer_syncs off (the lever measured against itself) / with
-                        # torch.compile (speed.compile)
-                        "syncs_off": {"layout": "speed", "fewer_syncs": False},
+                        # the speed layout with speed.fewer_syncs on / torch.compile / QLoRA's 4-bit layers fused
+                        # (each measured against layout_speed, the lever off, in the same call)
+                        "syncs_on": {"layout": "speed", "fewer_syncs": True},
                         "compiled": {"layout": "speed", "compile": True},
-                        "fused_lora_off": {"layout": "speed", "fused_lora": False},
+                        "fused_qlora": {"layout": "speed", "fused_lora": True},
                         # LoRA only: no checkpointing, LoRA's dropout drawn again in the backward instead of kept
                         "no_checkpointing_recompute_dropout": {"layout": "speed", "gradient_checkpointing": False,
                                                                "recompute_lora_dropout": True},
@@ -511,7 +511,7 @@ def run_one(contender: str, case: str, args, folder: Path, data: Path, eval_data
 
 
 # tried only when named in --tuneforge-candidates: a lever measured against itself, or a slow start
-OPT_IN = {"syncs_off", "compiled", "fused_lora_off"}
+OPT_IN = {"syncs_on", "compiled", "fused_qlora"}
 
 
 def candidates(contender: str, adapter: str = "lora", only: list[str] | None = None) -> list[dict]:

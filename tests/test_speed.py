@@ -599,8 +599,8 @@ def test_bench_sweep_candidates_can_be_narrowed_for_tuneforge_only():
     bench = _bench_module("speed")
     every = [c["tag"] for c in bench.candidates("tuneforge", "lora")]
     assert every == [name for name in bench.TUNEFORGE_CANDIDATES if name not in bench.OPT_IN]
-    assert [c["tag"] for c in bench.candidates("tuneforge", "full", ["syncs_off", "layout_speed"])] == [
-        "layout_speed", "syncs_off"]  # opt-in candidates run when named
+    assert [c["tag"] for c in bench.candidates("tuneforge", "full", ["syncs_on", "layout_speed"])] == [
+        "layout_speed", "syncs_on"]  # opt-in candidates run when named
     full = [c["tag"] for c in bench.candidates("tuneforge", "full")]
     assert "no_checkpointing_recompute_dropout" not in full and "no_checkpointing_keep_mask" not in full
     assert "no_checkpointing_keep_mask" in every
@@ -730,12 +730,16 @@ def test_fewer_syncs_refused_where_it_cannot_act():
 
     on = _recipe(speed={"fewer_syncs": "auto"})
     assert resolve(on, "cpu")["fewer_syncs"].startswith("off") and on.speed.fewer_syncs is False
-    cuda = _recipe()
+    qlora = _recipe(adapter={"type": "qlora"})
+    resolve(qlora, "cuda")
+    assert qlora.speed.fused_lora is False  # QLoRA's 4-bit layers are fused only when asked
+    assert _recipe().speed.fewer_syncs is False  # off until measured on a GPU
+    cuda = _recipe(speed={"fewer_syncs": "auto"})
     resolve(cuda, "cuda")
     assert cuda.speed.fewer_syncs is True
     with pytest.raises(RecipeError, match="fewer_syncs"):
         resolve(_recipe(train={"kl_to_base": 0.1}, speed={"fewer_syncs": True}), "cpu")
-    dpo = _recipe(method="dpo", data={"train": "x.jsonl", "format": "preference"})
+    dpo = _recipe(method="dpo", data={"train": "x.jsonl", "format": "preference"}, speed={"fewer_syncs": "auto"})
     resolve(dpo, "cuda")
     assert dpo.speed.fewer_syncs is False
 

@@ -170,13 +170,14 @@ class SpeedSection(_Section):
         "auto", description="Merge the grad_accum micro-batches of a step into one (same examples per step, same loss) "
         "when the memory plan fits it. auto = on a GPU when it fits; the saved recipe shows the batch_size/grad_accum run.")
     fused_lora: bool | Literal["auto"] = Field(
-        "auto", description="Plain LoRA layers add their scaled update inside one matmul (addmm) instead of two "
+        "auto", description="LoRA layers add their scaled update inside one matmul (addmm) instead of two "
         "elementwise passes, without PEFT's fp32 copy of the input under autocast (speed/fused_lora.py; same sum). "
-        "auto = on for LoRA.")
+        "auto = on for LoRA; true also fuses QLoRA's 4-bit layers (under autocast; not yet measured on a GPU).")
     fewer_syncs: bool | Literal["auto"] = Field(
-        "auto", description="sft/cpt on one process: TRL's per-micro-batch metrics (entropy, token accuracy, token "
+        False, description="sft/cpt on one process: TRL's per-micro-batch metrics (entropy, token accuracy, token "
         "counts) and the Trainer's NaN/inf loss filter computed on the GPU and read once per log, so the host does "
-        "not wait for the GPU inside a step (speed/syncs.py; same losses and logged values). auto = on with CUDA.")
+        "not wait for the GPU inside a step (speed/syncs.py; same losses and logged values). Off until measured on "
+        "a GPU (bench/levers_gpu.sh); auto = on with CUDA where it applies.")
     compile: bool = Field(False, description="torch.compile the model (slow start; pays on long runs with static shapes).")
     layout: Literal["memory", "speed"] = Field(
         "memory", description="What train.gradient_checkpointing: auto and fold_accumulation: auto optimise on a GPU. "

@@ -19,17 +19,17 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
                    then no checkpointing, then checkpointing every 2nd layer, then every layer.
   offload_checkpoints  with checkpointing under layout memory, the layer inputs kept for the recomputation wait
                    in pinned CPU memory, copied on a side stream (speed/offload.py).
-  fused_lora       LoRA and QLoRA layers add scaling * (A x) B^T to the base output inside one addmm
-                   (speed/fused_lora.py)
+  fused_lora       LoRA layers add scaling * (A x) B^T to the base output inside one addmm (speed/fused_lora.py);
+                   auto = plain LoRA, true = QLoRA's 4-bit layers too
                    instead of a multiply and an add over the whole output, and under autocast skip PEFT's fp32 copy
                    of the input; PEFT's forward for everything else.
   keep_lora_dropout_mask  (off) LoRA's input dropout keeps its 1-byte mask, not the dropped-out 16-bit copy
                    (speed/lora_dropout.py; the same masks as PEFT's)
   recompute_lora_dropout  (off) LoRA's input dropout drawn again in the backward, not kept (speed/lora_dropout.py)
   max_micro_batch_tokens  (off) longer padding-free micro-batches trained as several (speed/split.py)
-  fewer_syncs      sft/cpt, one process: TRL's per-micro-batch metrics, the Trainer's token count and NaN/inf loss
+  fewer_syncs      (off until measured on a GPU; auto = on with CUDA) sft/cpt, one process: TRL's per-micro-batch metrics, the Trainer's token count and NaN/inf loss
                    filter kept on the device and read once per log (speed/syncs.py): the host no longer waits for the
-                   GPU several times inside every step (not yet measured on a GPU).
+                   GPU several times inside every step.
   trainer overhead the Trainer counts FLOPs by walking every parameter each micro-batch; counted once here.
   attention        auto = flash_attention_2 where flash-attn is installed on CUDA; else, for padding-free batches on
                    CUDA, varlen (speed/varlen.py: PyTorch's varlen flash kernel, example boundaries from the position
@@ -94,8 +94,9 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
         s.fused_optimizer = cuda and recipe.train.optimizer == "adamw_torch"
         reasons["fused_optimizer"] = "adamw_torch on CUDA" if s.fused_optimizer else "only for adamw_torch on CUDA"
     if s.fused_lora == "auto":
-        s.fused_lora = recipe.adapter.type in ("lora", "qlora") and not recipe.adapter.use_dora
-        reasons["fused_lora"] = "LoRA/QLoRA" if s.fused_lora else "only for LoRA and QLoRA (not DoRA, full, others)"
+        # QLoRA's 4-bit layers take it when asked (fused_lora: true): not yet measured on a GPU
+        s.fused_lora = recipe.adapter.type == "lora" and not recipe.adapter.use_dora
+        reasons["fused_lora"] = "plain LoRA" if s.fused_lora else "auto: plain LoRA only (QLoRA: set true)"
     for key in ("recompute_lora_dropout", "keep_lora_dropout_mask"):
         if getattr(s, key) and s.fused_lora is not True:
             from tuneforge.errors import RecipeError

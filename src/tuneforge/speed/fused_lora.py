@@ -13,7 +13,8 @@ adapter names, and dtypes that agree (autocast on, or input, adapter and base ou
 runs PEFT's own forward, unchanged. The result is the same sum, rounded once instead of twice
 (tests/test_speed.py checks it against PEFT's forward, values and gradients).
 
-QLoRA's 4-bit LoRA layers (PEFT's bnb Linear4bit) take it too, under autocast: PEFT's forward there also clones the
+QLoRA's 4-bit LoRA layers (PEFT's bnb Linear4bit) take it too with `speed.fused_lora: true` (auto leaves QLoRA to
+PEFT until this is measured on a GPU: bench/levers_gpu.sh), under autocast: PEFT's forward there also clones the
 4-bit base output ("defensively", a full copy) before the multiply and the add; addmm is out of place, so no clone is
 needed. Their base output keeps the input's dtype (the fp32 residual stream prepare_model_for_kbit_training leaves),
 so the addmm runs in that dtype, autocast off: the base output is not rounded to 16 bits on the way.

@@ -23,6 +23,7 @@ With the lever on, the same numbers are computed on the device and read once, wh
 Losses, gradients and every logged value are the plain path's (tests/test_speed.py); the syncs left are the
 logging reads themselves, the gradient clipping and transformers' packed-sequence check in the mask code.
 
+Off by default until measured on a GPU against itself off (bench/levers_gpu.sh); `auto` turns it on with CUDA.
 Where it applies: sft/cpt on TRL's SFTTrainer (its own compute_loss: not DFT or distillation, whose trainers
 replace it, nor train.kl_to_base / train.ewc, which add their term there), one process (several would need the
 metrics gathered across ranks, which TRL does per micro-batch). `speed.resolve` refuses `true` elsewhere.
