@@ -92,7 +92,7 @@ TUNEFORGE_CANDIDATES = {"defaults": {}, "layout_speed": {"layout": "speed"},
                         # LoRA only: no checkpointing, LoRA's dropout drawn again in the backward instead of kept
                         "no_checkpointing_recompute_dropout": {"layout": "speed", "gradient_checkpointing": False,
                                                                "recompute_lora_dropout": True},
-                        # LoRA only: no checkpointing, LoRA's dropout keeping its 1-byte mask, not the dropped copy
+                        # LoRA only: no checkpointing, LoRA's dropout keeping its mask as bits, not the dropped copy
                         "no_checkpointing_keep_mask": {"layout": "speed", "gradient_checkpointing": False,
                                                        "keep_lora_dropout_mask": True}}
 LORA_ONLY = ("recompute_lora_dropout", "keep_lora_dropout_mask")  # levers inside the fused LoRA forward

@@ -480,13 +480,19 @@ def test_recomputed_lora_dropout_is_the_dropout_it_replaces():
 
 
 def test_masked_lora_dropout_is_the_dropout_it_replaces():
-    """speed/lora_dropout.py masked_lora_a: lora_A(dropout(x)) keeping x and the bool mask gives F.dropout's values
-    and gradients (the same draw from the same seed), in fp32 and under bf16 autocast, and keeps no 16-bit copy."""
+    """speed/lora_dropout.py masked_lora_a: lora_A(dropout(x)) keeping x and the mask packed to bits gives
+    F.dropout's values and gradients (the same draw from the same seed), in fp32 and under bf16 autocast, and keeps
+    no 16-bit copy."""
     import torch
     import torch.nn.functional as F
 
     from tuneforge.speed.lora_dropout import masked_lora_a
 
+    from tuneforge.speed.lora_dropout import pack_mask, unpack_mask
+
+    mask = torch.rand(3, 5, 24) > 0.4
+    assert pack_mask(mask).dtype == torch.uint8 and pack_mask(mask).numel() == mask.numel() // 8
+    assert torch.equal(unpack_mask(pack_mask(mask), mask.shape), mask) and pack_mask(mask[..., :7]) is None
     x0, w0, probe = torch.randn(3, 7, 16), torch.randn(4, 16), torch.randn(3, 7, 4)
     for dtype in (torch.float32, torch.bfloat16):
         def run(fused: bool):
@@ -504,8 +510,9 @@ def test_masked_lora_dropout_is_the_dropout_it_replaces():
         tol = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: the scale is applied in another order
         for a, b in zip(ref, got):
             assert torch.allclose(a, b, rtol=tol, atol=tol)
-        # kept: x itself, the weight and the bool mask -- nothing else the size of x in 16 or 32 bits
-        assert sorted(str(t.dtype) for t in kept if t.shape == x0.shape) == sorted(["torch.bool", str(dtype)])
+        # kept: x itself, the weight and the mask as bits -- nothing else the size of x
+        assert [str(t.dtype) for t in kept if t.shape == x0.shape] == [str(dtype)]
+        assert [t.numel() for t in kept if t.dtype == torch.uint8] == [x0.numel() // 8]
 
 
 @pytest.mark.parametrize("saves", ["recompute", "mask"])
@@ -558,8 +565,8 @@ def test_lora_dropout_saves_trains_as_peft_and_keeps_less(tiny_model_dir, saves)
     assert plain_grads.keys() == grads.keys() and len(grads) == 28
     for name, grad in plain_grads.items():
         assert torch.allclose(grad, grads[name], rtol=1e-4, atol=1e-6), name
-    # CPU dropout keeps a float mask (CUDA's is 1 byte): recomputing keeps neither; a bool mask is 1 of its 4 bytes
-    assert kept_lean < (0.75 if saves == "recompute" else 0.85) * kept_fused, (kept_lean, kept_fused)
+    # fp32 here: recomputing keeps neither the dropped-out copy nor the mask; the mask in bits is 1/8 byte of 5
+    assert kept_lean < (0.75 if saves == "recompute" else 0.8) * kept_fused, (kept_lean, kept_fused)
 
 
 def test_recompute_lora_dropout_needs_the_fused_forward():
@@ -746,7 +753,8 @@ def test_fewer_syncs_refused_where_it_cannot_act():
 
 def test_memory_plan_knows_what_lora_dropout_keeps():
     """The plan (and so `layout: speed`) counts what speed.keep_lora_dropout_mask / recompute_lora_dropout leave out:
-    per adapted projection and token, the 16-bit dropped-out copy (mask kept) or the copy and the mask (recompute)."""
+    per adapted projection and token, the 16-bit dropped-out copy and the byte mask, for the mask as bits (mask kept)
+    or nothing (recompute)."""
     from tuneforge.guide.plan import reference_config
     from tuneforge.memory import model_shape, plan_for_recipe
 
@@ -760,8 +768,9 @@ def test_memory_plan_knows_what_lora_dropout_keeps():
         recipe = _recipe(adapter={"type": "lora", "target_modules": "all-linear"}, speed=speed)
         plans[name] = plan_for_recipe(recipe, config, seq_len=tokens, batch_size=1, gradient_checkpointing=False,
                                       dtype="bf16")["activations"]
-    assert plans["copy"] - plans["mask"] == tokens * shape.layers * features * 2
-    assert plans["mask"] - plans["none"] == tokens * shape.layers * features * 1
+    # the copy (2 bytes) and its 1-byte mask, against the mask as bits (every Llama projection's width divides by 8)
+    assert plans["copy"] - plans["mask"] == tokens * shape.layers * features * (2 + 1 - 1 / 8)
+    assert plans["mask"] - plans["none"] == tokens * shape.layers * features / 8
     off = _recipe(adapter={"type": "lora"}, speed={"keep_lora_dropout_mask": True, "fused_lora": False})
     assert plan_for_recipe(off, config, seq_len=tokens, batch_size=1, gradient_checkpointing=False,
                            dtype="bf16")["activations"] == plans["copy"]  # PEFT's forward keeps the copy

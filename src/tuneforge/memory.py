@@ -215,13 +215,14 @@ def lora_activation_bytes(shape: ModelShape, c: int, r: int, target_modules, dro
     """Per token per layer: each adapted module keeps its own copy of its input as the adapter saw it (PEFT casts
     the input to the adapter's dtype, autocast casts it back: c bytes per input feature), the dropout mask (1 byte
     per feature when dropout > 0) and the rank-r intermediate (c * r). dropout_saves (speed/lora_dropout.py, with
-    dropout > 0): "mask" keeps only the 1-byte mask (speed.keep_lora_dropout_mask), "none" nothing
-    (speed.recompute_lora_dropout)."""
+    dropout > 0): "mask" keeps only the mask, a bit per feature (a byte where the feature count is not divisible
+    by 8; speed.keep_lora_dropout_mask), "none" nothing (speed.recompute_lora_dropout)."""
     per = 0.0
     lean = dropout > 0 and dropout_saves in ("mask", "none")
     for lin in shape.linears:
         if _matches(lin.name, target_modules):
-            kept = (1 if dropout_saves == "mask" else 0) if lean else c + (1 if dropout > 0 else 0)
+            mask = 1 / 8 if lin.in_features % 8 == 0 else 1
+            kept = (mask if dropout_saves == "mask" else 0) if lean else c + (1 if dropout > 0 else 0)
             per += lin.in_features * kept + c * r
     return per
 

@@ -200,9 +200,9 @@ class SpeedSection(_Section):
         "step rate).")
     keep_lora_dropout_mask: bool = Field(
         False, description="With speed.fused_lora: LoRA's input dropout and A matmul as one function that keeps the "
-        "input (kept by the base layer anyway) and dropout's 1-byte mask, not the dropped-out 16-bit copy, per "
-        "adapted projection (speed/lora_dropout.py; the same masks as PEFT's dropout, one extra elementwise pass in "
-        "the backward). Less activation memory without checkpointing.")
+        "input (kept by the base layer anyway) and dropout's mask as bits, not the dropped-out 16-bit copy and a byte "
+        "mask, per adapted projection (speed/lora_dropout.py; the same masks as PEFT's dropout, a few small kernels "
+        "more). Less activation memory without checkpointing.")
     max_micro_batch_tokens: int | None = Field(
         None, ge=1, description="sft/cpt with padding-free batches, one process: a micro-batch with more real tokens "
         "than this is trained as several (whole examples, same loss and gradient; speed/split.py), and the memory plan "

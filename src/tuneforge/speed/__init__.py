@@ -23,7 +23,7 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
                    auto = plain LoRA, true = QLoRA's 4-bit layers too
                    instead of a multiply and an add over the whole output, and under autocast skip PEFT's fp32 copy
                    of the input; PEFT's forward for everything else.
-  keep_lora_dropout_mask  (off) LoRA's input dropout keeps its 1-byte mask, not the dropped-out 16-bit copy
+  keep_lora_dropout_mask  (off) LoRA's input dropout keeps its mask as bits, not the dropped-out 16-bit copy
                    (speed/lora_dropout.py; the same masks as PEFT's)
   recompute_lora_dropout  (off) LoRA's input dropout drawn again in the backward, not kept (speed/lora_dropout.py)
   max_micro_batch_tokens  (off) longer padding-free micro-batches trained as several (speed/split.py)

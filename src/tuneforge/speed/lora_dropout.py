@@ -1,10 +1,11 @@
 """speed.lora_dropout_saves -- what LoRA's input dropout keeps for the backward, inside the fused LoRA forward.
 
   mask       (speed.keep_lora_dropout_mask) dropout and the A matmul as one autograd function that keeps the input
-             (which the base layer keeps anyway) and torch's 1-byte dropout mask, and applies the mask again in
-             the backward; the dropped-out 16-bit copy is not kept. Same masks as PEFT's dropout (torch's own
-             native_dropout draws them), so the step is PEFT's to rounding on CPU and GPU alike; one extra
-             elementwise pass per projection in the backward.
+             (which the base layer keeps anyway) and dropout's mask packed 8 elements to a byte (1 bit each; a
+             feature count not divisible by 8 keeps torch's 1-byte mask), and applies the mask again in the
+             backward; the dropped-out 16-bit copy is not kept. Same masks as PEFT's dropout (torch's own
+             native_dropout draws them), so the step is PEFT's to rounding on CPU and GPU alike; the packing and
+             one extra elementwise pass per projection cost a few small kernels.
   recompute  (speed.recompute_lora_dropout) keeps only the input and the random-number state, and draws the
              same mask again in the backward.
 
@@ -81,21 +82,46 @@ class DropoutLoraA(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+_BITS = None
+
+
+def _bit_weights(device):
+    global _BITS
+    if _BITS is None or _BITS.device != device:
+        _BITS = (2 ** torch.arange(8, dtype=torch.uint8)).to(device)
+    return _BITS
+
+
+def pack_mask(mask):
+    """A bool mask as bits, 8 to a byte along the last dimension (None when that is not divisible by 8)."""
+    if mask.shape[-1] % 8:
+        return None
+    bits = mask.reshape(*mask.shape[:-1], mask.shape[-1] // 8, 8).to(torch.uint8) * _bit_weights(mask.device)
+    return bits.sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed, shape):
+    return (packed.unsqueeze(-1) & _bit_weights(packed.device)).ne(0).reshape(shape)
+
+
 class MaskedLoraA(torch.autograd.Function):
-    """lora_A(dropout(x)) keeping x and dropout's bool mask (not the dropped-out copy) for the backward."""
+    """lora_A(dropout(x)) keeping x and dropout's mask, packed to bits (not the dropped-out copy), for the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, p, compute_dtype):
         dropped, mask = torch.ops.aten.native_dropout(x, p, True)  # what F.dropout runs: the same draw
         with torch.autocast(x.device.type, enabled=False):
             h = F.linear(dropped.to(compute_dtype), weight.to(compute_dtype))
-        ctx.save_for_backward(x, weight, mask)
-        ctx.p, ctx.compute_dtype = p, compute_dtype
+        packed = pack_mask(mask)
+        ctx.save_for_backward(x, weight, mask if packed is None else packed)
+        ctx.p, ctx.compute_dtype, ctx.packed = p, compute_dtype, packed is not None
         return h
 
     @staticmethod
     def backward(ctx, grad_h):
         x, weight, mask = ctx.saved_tensors
+        if ctx.packed:
+            mask = unpack_mask(mask, x.shape)
         scale = 1.0 / (1.0 - ctx.p)
         g = grad_h.to(ctx.compute_dtype)
         grad_x = grad_w = None
@@ -110,7 +136,7 @@ class MaskedLoraA(torch.autograd.Function):
 
 
 def masked_lora_a(x, weight, p: float):
-    """lora_A(dropout(x)) with weight [r, in], keeping x and the 1-byte mask for the backward (see MaskedLoraA)."""
+    """lora_A(dropout(x)) with weight [r, in], keeping x and the mask (as bits) for the backward (see MaskedLoraA)."""
     kind = x.device.type
     compute_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
     return MaskedLoraA.apply(x, weight, p, compute_dtype)
