@@ -159,6 +159,17 @@ def test_offloaded_checkpoints_give_the_same_step(tiny_model_dir):
     assert packed.count(True) == 2  # the input of each of the 2 checkpointed layers, nothing else
 
 
+def _lora_step(model, ids, autocast=False):
+    """One forward/backward of a LoRA model on `ids` (labels = ids): (logits in fp32, {parameter: gradient})."""
+    import torch
+
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    return out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_fused_lora_matches_peft_forward(tiny_model_dir):
     """speed.fused_lora: the scaled LoRA update added inside one addmm gives PEFT's values and gradients (fp32: to
     rounding; bf16 autocast: to bf16 rounding), and falls back to PEFT's forward with the adapter disabled."""
@@ -177,11 +188,7 @@ def test_fused_lora_matches_peft_forward(tiny_model_dir):
     ids = torch.randint(5, 100, (2, 12))
 
     def step(model, autocast=False):
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-        return out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        return _lora_step(model, ids, autocast)
 
     def compare(reference, other):
         """Mean relative difference (by norm) over the logits and every adapter gradient."""
@@ -245,11 +252,7 @@ def test_fused_lora_on_4bit_layers_matches_peft_forward(tmp_path):
     ids = torch.randint(5, 300, (2, 10))
 
     def step(model, autocast=True):
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-        return out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        return _lora_step(model, ids, autocast)
 
     plain, fused = qlora_model(), qlora_model()
     assert fused_lora.install(fused) == 14
