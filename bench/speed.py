@@ -723,7 +723,37 @@ def table(paths: list[str]) -> str:
                         ratios.append(f"| {case} | {other} | {value['ratio']:.2f}x | {value['range'][0]:.2f}-{value['range'][1]:.2f} | "
                                       f"{s.get('memory_vs_' + other, '')} |")
     return "\n".join(lines + ["", "| case | tuneforge vs | speed ratio | range over repeats | memory ratio |",
-                              "| --- | --- | ---: | ---: | ---: |", *ratios])
+                              "| --- | --- | ---: | ---: | ---: |", *ratios, "", *sweep_table(paths)])
+
+
+def sweep_table(paths: list[str], baseline: str = "layout_speed") -> list[str]:
+    """Every sweep run of the results files: how each candidate did, tuneforge's against its `baseline` candidate
+    (the speed layout, every opt-in lever off) in the same call -- how a lever is read against itself off."""
+    lines = ["| case | contender | candidate | micro-batch x accum | measured steps | tokens/s | median step rate | "
+             f"peak GiB | mean loss | vs {baseline} (speed, memory) |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for path in paths:
+        for case, entry in json.loads(Path(path).read_text())["cases"].items():
+            for contender, sweep in (entry.get("sweep") or {}).items():
+                tried = sweep.get("tried", {})
+                base = tried.get(baseline) if contender == "tuneforge" else None
+                for tag, r in tried.items():
+                    if "tokens_per_s" not in r:
+                        lines.append(f"| {case} | {contender} | {tag} | | | did not run: {str(r.get('error', ''))[:80]} "
+                                     "| | | | |")
+                        continue
+                    losses = r.get("losses") or []
+                    versus = ""
+                    if base and "tokens_per_s" in base and tag != baseline:
+                        memory = (f"{r['peak_gib'] / base['peak_gib']:.2f}x" if r.get("peak_gib") and base.get("peak_gib")
+                                  else "n/a")
+                        versus = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x, {memory}"
+                    peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "n/a"
+                    mean = f"{statistics.mean(losses):.4f}" if losses else ""
+                    lines.append(f"| {case} | {contender} | {tag} | {r['layout'][0]}x{r['layout'][1]} | "
+                                 f"{r['measured_steps']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_median_step']:,.0f} "
+                                 f"| {peak} | {mean} | {versus} |")
+    return lines if len(lines) > 2 else []
 
 
 if __name__ == "__main__":

@@ -777,3 +777,26 @@ def test_memory_plan_knows_what_lora_dropout_keeps():
     off = _recipe(adapter={"type": "lora"}, speed={"keep_lora_dropout_mask": True, "fused_lora": False})
     assert plan_for_recipe(off, config, seq_len=tokens, batch_size=1, gradient_checkpointing=False,
                            dtype="bf16")["activations"] == plans["copy"]  # PEFT's forward keeps the copy
+
+
+def test_bench_sweep_table_reads_each_lever_against_the_speed_layout(tmp_path):
+    """bench/speed.py --table lists every sweep run, tuneforge's candidates against layout_speed of the same call
+    (speed and peak memory), and says which did not run."""
+    import json
+
+    bench = _bench_module("speed")
+
+    def row(rate, peak):
+        return {"tokens_per_s": rate, "tokens_per_s_median_step": rate, "measured_steps": 20, "peak_gib": peak,
+                "layout": [16, 1], "losses": [2.0, 1.0]}
+
+    results = {"cases": {"llama-1b-full": {"sweep": {
+        "tuneforge": {"tried": {"layout_speed": row(40000.0, 20.0), "syncs_on": row(46000.0, 20.0),
+                                "compiled": {"error": "timed out"}}},
+        "unsloth": {"tried": {"ckpt-off": row(45000.0, 19.0)}}}}}}
+    path = tmp_path / "levers.json"
+    path.write_text(json.dumps(results))
+    lines = bench.sweep_table([str(path)])
+    assert any("| syncs_on |" in line and "| 1.15x, 1.00x |" in line and "46,000" in line for line in lines)
+    assert any("| compiled |" in line and "did not run: timed out" in line for line in lines)
+    assert any("| unsloth | ckpt-off |" in line and line.endswith("| 1.5000 |  |") for line in lines)
