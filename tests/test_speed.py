@@ -662,6 +662,8 @@ def test_fewer_syncs_logs_the_same_losses_metrics_and_token_counts(tmp_path, tin
     and read at log time give the plain path's losses, gradient norms and every logged value (LoRA with gradient
     accumulation, padding-free and padded batches); and the reads that would sync on a GPU in TRL's compute_loss,
     the Trainer's loss filter and its token counter are gone."""
+    import json
+
     import tuneforge.speed as speed_module
 
     step_profiler = _bench_module("step_profiler")
@@ -685,11 +687,15 @@ def test_fewer_syncs_logs_the_same_losses_metrics_and_token_counts(tmp_path, tin
     for padding_free in (True, False):
         tag = "free" if padding_free else "padded"
         speed = {"padding_free": padding_free, "attention": "sdpa"}
-        runs = {}
+        runs, saved = {}, {}
         for lever in (True, False):
-            _, runs[lever] = run_steps(tmp_path, tiny_model_dir, small_sft_file, f"{tag}-{lever}",
-                                       adapter={"type": "lora"}, speed={**speed, "fewer_syncs": lever},
-                                       train_section={"logging_steps": 2})
+            # a checkpoint at step 2, between the logs of steps 1 and 3: its trainer state must hold every token
+            run, runs[lever] = run_steps(tmp_path, tiny_model_dir, small_sft_file, f"{tag}-{lever}",
+                                         adapter={"type": "lora"}, speed={**speed, "fewer_syncs": lever},
+                                         train_section={"logging_steps": 3, "save_every": 2})
+            state = json.loads((run.path / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+            saved[lever] = state["num_input_tokens_seen"]
+        assert saved[True] == saved[False] > 0
         assert len(runs[True]) == len(runs[False]) >= 2
         for a, b in zip(runs[False], runs[True]):
             assert a.get("entropy") is not None and a.get("num_tokens") and a.get("tokens_seen")
