@@ -19,17 +19,16 @@ where it is safe (`auto`), and each is checked on CPU to give the same losses an
                    then no checkpointing, then checkpointing every 2nd layer, then every layer.
   offload_checkpoints  with checkpointing under layout memory, the layer inputs kept for the recomputation wait
                    in pinned CPU memory, copied on a side stream (speed/offload.py).
-  fused_lora       LoRA layers add scaling * (A x) B^T to the base output inside one addmm (speed/fused_lora.py);
-                   auto = plain LoRA, true = QLoRA's 4-bit layers too
+  fused_lora       LoRA layers add scaling * (A x) B^T to the base output inside one addmm (speed/fused_lora.py)
                    instead of a multiply and an add over the whole output, and under autocast skip PEFT's fp32 copy
-                   of the input; PEFT's forward for everything else.
+                   of the input; PEFT's forward for everything else. auto = plain LoRA; true = QLoRA's 4-bit too.
   keep_lora_dropout_mask  (off) LoRA's input dropout keeps its mask as bits, not the dropped-out 16-bit copy
                    (speed/lora_dropout.py; the same masks as PEFT's)
   recompute_lora_dropout  (off) LoRA's input dropout drawn again in the backward, not kept (speed/lora_dropout.py)
   max_micro_batch_tokens  (off) longer padding-free micro-batches trained as several (speed/split.py)
-  fewer_syncs      (off until measured on a GPU; auto = on with CUDA) sft/cpt, one process: TRL's per-micro-batch metrics, the Trainer's token count and NaN/inf loss
-                   filter kept on the device and read once per log (speed/syncs.py): the host no longer waits for the
-                   GPU several times inside every step.
+  fewer_syncs      (off until measured on a GPU; auto = on with CUDA) sft/cpt, one process: TRL's per-micro-batch
+                   metrics, the Trainer's token count and NaN/inf loss filter kept on the device and read once per
+                   log (speed/syncs.py): the host no longer waits for the GPU several times inside every step.
   trainer overhead the Trainer counts FLOPs by walking every parameter each micro-batch; counted once here.
   attention        auto = flash_attention_2 where flash-attn is installed on CUDA; else, for padding-free batches on
                    CUDA, varlen (speed/varlen.py: PyTorch's varlen flash kernel, example boundaries from the position
@@ -97,22 +96,7 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
         # QLoRA's 4-bit layers take it when asked (fused_lora: true): not yet measured on a GPU
         s.fused_lora = recipe.adapter.type == "lora" and not recipe.adapter.use_dora
         reasons["fused_lora"] = "plain LoRA" if s.fused_lora else "auto: plain LoRA only (QLoRA: set true)"
-    for key in ("recompute_lora_dropout", "keep_lora_dropout_mask"):
-        if getattr(s, key) and s.fused_lora is not True:
-            from tuneforge.errors import RecipeError
-
-            raise RecipeError([f"`speed.{key}`: it works inside the fused LoRA forward, which is off here "
-                               "(speed.fused_lora, plain LoRA only); remove the key or turn speed.fused_lora on"])
-        if getattr(s, key) and recipe.adapter.type != "lora":
-            from tuneforge.errors import RecipeError
-
-            raise RecipeError([f"`speed.{key}`: plain LoRA only (adapter.type is {recipe.adapter.type}; QLoRA's 4-bit "
-                               "layers keep their own copy of the input); remove the key"])
-    if s.recompute_lora_dropout and s.keep_lora_dropout_mask:
-        from tuneforge.errors import RecipeError
-
-        raise RecipeError(["`speed.keep_lora_dropout_mask` and `speed.recompute_lora_dropout`: choose one (the mask "
-                           "kept, 1 byte per element, or drawn again in the backward, nothing kept)"])
+    _check_dropout_levers(recipe)
     s.fewer_syncs, why = _fewer_syncs(recipe, cuda)
     if why:
         reasons["fewer_syncs"] = why
@@ -145,6 +129,23 @@ def resolve(recipe, device: str, model_config=None, gpu_memory_gib: float | None
         recipe.train.batch_size *= fold
         recipe.train.grad_accum //= fold
     return reasons
+
+
+def _check_dropout_levers(recipe) -> None:
+    """speed.recompute_lora_dropout / keep_lora_dropout_mask act inside the fused forward of plain LoRA layers."""
+    from tuneforge.errors import RecipeError
+
+    s = recipe.speed
+    for key in ("recompute_lora_dropout", "keep_lora_dropout_mask"):
+        if getattr(s, key) and s.fused_lora is not True:
+            raise RecipeError([f"`speed.{key}`: it works inside the fused LoRA forward, which is off here "
+                               "(speed.fused_lora); remove the key or turn speed.fused_lora on"])
+        if getattr(s, key) and recipe.adapter.type != "lora":
+            raise RecipeError([f"`speed.{key}`: plain LoRA only (adapter.type is {recipe.adapter.type}; QLoRA's 4-bit "
+                               "layers keep their own copy of the input); remove the key"])
+    if s.recompute_lora_dropout and s.keep_lora_dropout_mask:
+        raise RecipeError(["`speed.keep_lora_dropout_mask` and `speed.recompute_lora_dropout`: choose one (the mask "
+                           "kept as bits, or drawn again in the backward, nothing kept)"])
 
 
 def _fewer_syncs(recipe, cuda: bool) -> tuple[bool, str | None]:
